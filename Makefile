@@ -1,0 +1,43 @@
+# MoE Router Lab: two commands, both idempotent, both from a clean clone.
+#   make serve   set up .venv and serve the dashboard on http://localhost:5006
+#   make test    set up .venv (+ Debian chromium for browser tests) and run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 5006
+
+# Without an NVIDIA GPU, take torch's CPU build (about 200 MB) instead of the default
+# multi-GB CUDA build; with one, a normal torch install.
+HAS_NVIDIA  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+TORCH_SPEC  ?= $(if $(HAS_NVIDIA),torch>=2.4,torch==2.13.0)
+TORCH_INDEX ?= $(if $(HAS_NVIDIA),,--extra-index-url https://download.pytorch.org/whl/cpu)
+CHROMIUM    ?= /usr/bin/chromium
+
+.PHONY: serve test setup browser bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+browser:
+	@test -x $(CHROMIUM) || { \
+	  echo "installing Debian chromium for the browser tests"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y chromium >/dev/null || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y chromium >/dev/null; }; }
+	@test -x $(CHROMIUM) || { echo "chromium not found at $(CHROMIUM); set CHROMIUM=/path/to/chromium"; exit 1; }
+
+serve: setup
+	$(PY) -m moe_core serve --port $(PORT)
+
+test: setup browser
+	CHROMIUM_PATH=$(CHROMIUM) $(PY) -m pytest
+
+bench: setup
+	$(PY) -m moe_core bench
+
+clean:
+	rm -rf $(VENV) artifacts

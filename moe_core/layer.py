@@ -1,0 +1,288 @@
+"""The Mixture-of-Experts layer: a router, N routed experts and optional shared experts.
+
+    y_t = sum_{e chosen for t} w_{t,e} * expert_e(x_t)  +  sum_shared expert_s(x_t)
+
+Experts are stored as stacked weight tensors ([N, d_model, ...]) so tokens can be
+dispatched in one sweep: tokens are sorted by expert and each expert runs one
+matmul over its contiguous block of tokens (on CUDA a single grouped GEMM over
+all experts). `forward_reference` keeps the plain per-expert loop of
+DeepSeek-V3's inference code for tests and for reading.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .routing import SCHEMES, Routing, get_scheme, route
+
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> cuda if available, then mps, then cpu."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not str(device).startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("CUDA was requested but no CUDA GPU is available on this machine")
+    return torch.device(device)
+
+
+class Router(nn.Module):
+    """Linear scores per expert: l_t = W_r x_t (no bias), computed in float32."""
+
+    param_part = "router"
+
+    def __init__(self, d_model: int, n_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class Experts(nn.Module):
+    """N independent feed-forward networks stored as stacked weights.
+
+    SwiGLU (Mixtral, DeepSeek, Qwen): expert(x) = W_out (silu(W_gate x) * W_up x),
+    with W_gate and W_up fused into one [d_model, 2*d_ff] matrix per expert.
+    GELU: expert(x) = W_out gelu(W_in x).
+    """
+
+    param_part = "routed_experts"
+
+    def __init__(self, n_experts: int, d_model: int, d_ff: int, activation: str = "swiglu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
+        self.n_experts, self.d_model, self.d_ff, self.activation = n_experts, d_model, d_ff, activation
+        d_in = 2 * d_ff if activation == "swiglu" else d_ff
+        self.w_in = nn.Parameter(torch.empty(n_experts, d_model, d_in))
+        self.w_out = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        nn.init.normal_(self.w_in, std=0.02)
+        nn.init.normal_(self.w_out, std=0.02)
+
+    def params_per_expert(self) -> int:
+        return (self.w_in.numel() + self.w_out.numel()) // self.n_experts
+
+    def _act(self, h: Tensor) -> Tensor:
+        if self.activation == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(h)
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Run expert e alone on x [n, d_model]."""
+        return self._act(x @ self.w_in[e]) @ self.w_out[e]
+
+    def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
+        """x_sorted [n, d_model]: tokens grouped by expert, counts[e] rows for expert e."""
+        if x_sorted.is_cuda and hasattr(torch, "_grouped_mm") and x_sorted.dtype == torch.bfloat16:
+            offs = torch.tensor(counts, device=x_sorted.device).cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(x_sorted, self.w_in.to(x_sorted.dtype), offs=offs)
+            return torch._grouped_mm(self._act(h), self.w_out.to(x_sorted.dtype), offs=offs)
+        # torch.split (not slicing) so the backward pass concatenates gradients
+        # instead of zero-filling a full-size buffer for every expert
+        outs = [self.expert(e, xe) for e, xe in enumerate(torch.split(x_sorted, counts)) if counts[e]]
+        return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.d_model)
+
+
+class SharedExperts(nn.Module):
+    """Always-on experts (DeepSeekMoE, Dai et al. 2024, arXiv:2401.06066): every token uses them.
+
+    n_shared experts of width d_ff are fused into one FFN of width n_shared * d_ff,
+    which computes exactly the sum of the n_shared experts' outputs (as in
+    DeepSeek-V3's `MoE.shared_experts`).
+    """
+
+    param_part = "shared_experts"
+
+    def __init__(self, n_shared: int, d_model: int, d_ff: int, activation: str = "swiglu"):
+        super().__init__()
+        self.ffn = Experts(1, d_model, n_shared * d_ff, activation)
+        self.ffn.param_part = "shared_experts"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn.expert(0, x)
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts feed-forward layer.
+
+    `y, routing = layer(x)` for x of shape [B, T, d_model] or [T, d_model].
+    All tokens of one call form one routing group (capacity and Expert Choice
+    compete across them) unless `group_size` splits them into consecutive
+    groups. Routing options can be overridden per call without touching the
+    weights: `layer(x, top_k=4, scheme="switch", capacity_factor=1.5)`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        n_experts: int,
+        top_k: int = 2,
+        scheme: str = "softmax_topk",
+        n_shared: int = 0,
+        activation: str = "swiglu",
+        **router_options,
+    ):
+        super().__init__()
+        for name, v in (("d_model", d_model), ("d_ff", d_ff)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {v!r}")
+        if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
+            raise ValueError(f"the number of experts N must be at least 1, got {n_experts!r}")
+        if isinstance(n_shared, bool) or not isinstance(n_shared, int) or n_shared < 0:
+            raise ValueError(f"n_shared must be 0 or more, got {n_shared!r}")
+        get_scheme(scheme)
+        self.d_model, self.d_ff, self.n_experts = d_model, d_ff, n_experts
+        self.top_k, self.scheme, self.n_shared = top_k, scheme, n_shared
+        self.group_size = router_options.pop("group_size", None)
+        self.router_options = router_options
+        self._check_call(scheme, top_k, router_options)
+        self.router = Router(d_model, n_experts)
+        # noisy top-k learns a per-expert noise scale (zero-initialised as in tensor2tensor);
+        # only models built for noisy top-k carry it, and noise only acts while training
+        self.noise = None
+        if scheme == "noisy_topk":
+            self.noise = Router(d_model, n_experts)
+            nn.init.zeros_(self.noise.weight)
+        # DeepSeek-V3 selection bias: a buffer, changed by update_bias, never by gradients
+        self.register_buffer("expert_bias", torch.zeros(n_experts))
+        self.experts = Experts(n_experts, d_model, d_ff, activation)
+        self.shared = SharedExperts(n_shared, d_model, d_ff, activation) if n_shared else None
+
+    # -- routing ---------------------------------------------------------------
+
+    def _check_call(self, scheme: str, top_k: int | None, options: dict) -> None:
+        s = get_scheme(scheme)
+        allowed = set(s.options) - {"noise_logits", "generator", "training", "bias"}
+        bad = set(options) - allowed
+        if bad:
+            raise ValueError(f"{scheme} does not take option(s) {', '.join(sorted(bad))} (it takes: {', '.join(sorted(allowed)) or 'none'})")
+        if s.uses_k and top_k is not None:
+            if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.n_experts:
+                raise ValueError(f"top-k must be between 1 and N = {self.n_experts}, got {top_k!r}")
+
+    def route(self, x: Tensor, *, top_k: int | None = None, scheme: str | None = None, **options) -> Routing:
+        """Router decision for x [n, d_model] (one or more groups), without running experts."""
+        scheme = scheme or self.scheme
+        s = get_scheme(scheme)
+        if scheme == self.scheme:
+            options = {**self.router_options, **options}
+        group_size = options.pop("group_size", self.group_size)
+        k = (top_k or self.top_k) if s.uses_k else None
+        self._check_call(scheme, k, options)
+        logits = self.router(x)
+        if scheme == "noisy_topk" and self.noise is not None:
+            options.update(noise_logits=self.noise(x), training=self.training)
+        if scheme == "deepseek":
+            options.setdefault("bias", self.expert_bias)
+        n = logits.shape[0]
+        if group_size is None or group_size >= n:
+            return route(logits, scheme, k=k, **options)
+        parts = []
+        for start in range(0, n, group_size):
+            sub = {kk: (v[start : start + group_size] if kk == "noise_logits" else v) for kk, v in options.items()}
+            parts.append(route(logits[start : start + group_size], scheme, k=k, **sub))
+        return Routing.cat(parts)
+
+    def experts_per_token(self, *, top_k: int | None = None, scheme: str | None = None,
+                          capacity_factor: float | None = None) -> float:
+        """Average routed experts a token uses (before drops): k, or the scheme's fixed value.
+
+        For Expert Choice it is the capacity factor (each expert takes cf*T/N tokens).
+        """
+        s = get_scheme(scheme or self.scheme)
+        if s.uses_k:
+            return float(top_k or self.top_k)
+        if s.fixed_k is not None:
+            return float(s.fixed_k)
+        cf = capacity_factor or self.router_options.get("capacity_factor") or s.default_capacity_factor
+        return float(min(cf, self.n_experts))
+
+    # -- forward -----------------------------------------------------------------
+
+    def forward(self, x: Tensor, **overrides) -> tuple[Tensor, Routing]:
+        shape = x.shape
+        if x.dim() not in (2, 3) or shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer expects [B, T, {self.d_model}] or [T, {self.d_model}], got {tuple(shape)}")
+        x2 = x.reshape(-1, self.d_model)                      # (B*T, C)
+        routing = self.route(x2, **overrides)
+        y = self._combine_experts(x2, routing)
+        if self.shared is not None:
+            y = y + self.shared(x2)
+        return y.view(shape), routing
+
+    def _combine_experts(self, x: Tensor, routing: Routing) -> Tensor:
+        """Vectorised dispatch: sort (token, expert) pairs by expert, run each expert once."""
+        idx = routing.indices                                   # (n, kmax), -1 = unused
+        flat = idx.reshape(-1)
+        valid = flat >= 0
+        pair = valid.nonzero().squeeze(1)                       # positions of real (token, expert) pairs
+        experts = flat[pair]
+        order = torch.sort(experts, stable=True).indices
+        pair, experts = pair[order], experts[order]
+        tokens = pair // idx.shape[1]
+        counts = torch.bincount(experts, minlength=self.n_experts).tolist()
+        out = self.experts(x[tokens], counts)
+        w = routing.weights.reshape(-1)[pair].to(out.dtype)
+        y = torch.zeros_like(x, dtype=out.dtype)
+        y.index_add_(0, tokens, out * w[:, None])
+        return y.to(x.dtype)
+
+    def forward_reference(self, x: Tensor, routing: Routing | None = None, **overrides) -> tuple[Tensor, Routing]:
+        """The same layer as a plain loop over experts (DeepSeek-V3 inference code style)."""
+        shape = x.shape
+        x2 = x.reshape(-1, self.d_model)
+        if routing is None:
+            routing = self.route(x2, **overrides)
+        y = torch.zeros_like(x2)
+        for e in range(self.n_experts):
+            tok, rank = torch.where(routing.indices == e)
+            if tok.numel() == 0:
+                continue
+            y[tok] += self.experts.expert(e, x2[tok]) * routing.weights[tok, rank, None].to(x2.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x2)
+        return y.view(shape), routing
+
+    @torch.no_grad()
+    def update_bias(self, load: Tensor, gamma: float) -> None:
+        """DeepSeek-V3 auxiliary-loss-free balancing: nudge the selection bias towards balance."""
+        from .routing import update_bias
+
+        self.expert_bias.copy_(update_bias(self.expert_bias, load, gamma))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, top_k={self.top_k}, "
+                f"scheme={self.scheme!r}, n_shared={self.n_shared}")
+
+
+class DenseFFN(nn.Module):
+    """A standard (dense) feed-forward layer, for comparisons: every token uses every weight."""
+
+    param_part = "dense_ffn"
+
+    def __init__(self, d_model: int, d_ff: int, activation: str = "swiglu"):
+        super().__init__()
+        self.ffn = Experts(1, d_model, d_ff, activation)
+        self.ffn.param_part = "dense_ffn"
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        return self.ffn.expert(0, x.reshape(-1, shape[-1])).view(shape)
+
+
+__all__ = ["MoELayer", "Experts", "SharedExperts", "Router", "DenseFFN", "pick_device", "SCHEMES"]

@@ -1,0 +1,64 @@
+"""How balanced is a routing? The numbers of the dashboard's balance panel.
+
+All figures are computed from a `Routing` (tokens per expert = the dispatch
+counts after capacity), so they describe what the layer really did.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .routing import Routing
+
+# name -> (label, one-line definition shown on hover in the app and in --help)
+METRICS: dict[str, tuple[str, str]] = {
+    "load_balance": ("Load-balance loss", "N * sum_e f_e * P_e: 1.0 when routing is uniform, N when one expert takes everything (Switch Transformer eq. 4)."),
+    "z_loss": ("Router z-loss", "Mean over tokens of logsumexp(router logits)^2: large when router logits grow (ST-MoE)."),
+    "cv": ("CV of load", "Standard deviation / mean of tokens per expert: 0 when every expert gets the same number of tokens."),
+    "entropy": ("Load entropy", "Entropy (nats) of the share of tokens each expert processes: ln N when perfectly even, 0 when one expert takes all."),
+    "n_eff": ("Effective experts", "exp(entropy): how many equally loaded experts would give the same entropy (N at best, 1 at worst)."),
+    "gini": ("Gini", "Gini coefficient of tokens per expert: 0 = perfectly equal, towards 1 = one expert takes all."),
+    "max_over_mean": ("Max / mean load", "Tokens of the busiest expert divided by the average: 1.0 is perfect balance."),
+    "dead_experts": ("Dead experts", "Experts that processed no token at all in this text."),
+    "drop_rate": ("Drop rate", "Share of the router's choices cut by expert capacity (those tokens skip the expert)."),
+    "top1_max_share": ("Busiest top-1 share", "Largest share of tokens whose FIRST choice is one expert: 1/N is even, 1.0 is collapse."),
+}
+
+
+def gini(values: torch.Tensor) -> float:
+    """Gini coefficient of non-negative values (0 = all equal)."""
+    x = torch.sort(values.double().flatten()).values
+    n = x.numel()
+    total = x.sum().item()
+    if n == 0 or total == 0:
+        return 0.0
+    ranks = torch.arange(1, n + 1, dtype=torch.float64)
+    return float((2 * (ranks * x).sum() / (n * total) - (n + 1) / n).item())
+
+
+def balance_metrics(routing: Routing) -> dict[str, float | int]:
+    """Every METRICS figure for one layer's routing."""
+    load = routing.dispatch.sum(0).double()
+    N = load.numel()
+    total = load.sum().item()
+    mean = total / N
+    share = load / total if total else torch.zeros_like(load)
+    nz = share[share > 0]
+    entropy = float(-(nz * nz.log()).sum().item()) if total else 0.0
+    chosen = (routing.dispatch | routing.dropped).sum().item()
+    top1 = routing.choices[:, 0] if routing.choices is not None else routing.indices[:, 0]
+    top1 = top1[top1 >= 0]
+    top1_share = (torch.bincount(top1, minlength=N).max().item() / top1.numel()) if top1.numel() else 0.0
+    return {
+        "load_balance": float(routing.aux["load_balance"].detach()),
+        "z_loss": float(routing.aux["z_loss"].detach()),
+        "cv": float(load.std(unbiased=False).item() / mean) if mean else 0.0,
+        "entropy": entropy,
+        "n_eff": math.exp(entropy) if total else 0.0,
+        "gini": gini(load),
+        "max_over_mean": float(load.max().item() / mean) if mean else 0.0,
+        "dead_experts": int((load == 0).sum().item()),
+        "drop_rate": float(routing.dropped.sum().item() / chosen) if chosen else 0.0,
+        "top1_max_share": float(top1_share),
+    }
