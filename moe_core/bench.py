@@ -1,0 +1,198 @@
+"""`moe-lab bench`: measured, not asserted.
+
+1. layer: the MoE layer forward (k = 2, d_model 256, expert d_ff 512, 8192
+   tokens) for N in 4..256 experts, against a dense SwiGLU FFN with the same
+   ACTIVE parameters (d_ff = k * 512). Compute per token follows k, so the MoE
+   time should stay flat as N grows; what grows is the memory holding the
+   experts, and at large N the cost left is reading those weights once. We
+   report that memory-bandwidth floor from a measured read bandwidth.
+2. train: training tokens/s of the default model (the 10k tokens/s goal on 2 cores).
+3. route: server-side routing of a 512-token text through the shipped model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from .layer import DenseFFN, MoELayer, pick_device
+
+# Reference figures quoted in the project's issue: HF transformers' eager Mixtral
+# expert loop on this kind of 2-core machine (not measured by this script).
+HF_MIXTRAL_EAGER_MS = {8: 95.0, 64: 124.0, 256: 255.0}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time in ms over `repeats` runs, after one warm-up run."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def read_bandwidth_gbs(device: torch.device, mb: int = 256) -> float:
+    """Measured memory read bandwidth: sum over a large float32 tensor."""
+    x = torch.ones(mb * 1024 * 1024 // 4, device=device)
+    ms = timeit(lambda: x.sum(), device, 5)
+    return (x.numel() * 4 / 1e9) / (ms / 1e3)
+
+
+def machine() -> dict:
+    d = {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+         "cpu_threads": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": _cpu_name()}
+    if torch.cuda.is_available():
+        d["gpu"] = torch.cuda.get_device_name(0)
+    return d
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+@torch.no_grad()
+def bench_layer(n_experts=(4, 8, 16, 64, 256), *, k=2, d_model=256, d_ff=512, tokens=8192,
+                device="cpu", repeats=7, dtype=torch.float32) -> dict:
+    device = pick_device(device)
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d_model, device=device, dtype=dtype)
+    dense = DenseFFN(d_model, k * d_ff).to(device, dtype).eval()
+    dense_ms = timeit(lambda: dense(x), device, repeats)
+    bw = read_bandwidth_gbs(device)
+    rows = []
+    for N in n_experts:
+        layer = MoELayer(d_model, d_ff, N, k).to(device, dtype).eval()
+        ms = timeit(lambda: layer(x), device, repeats)
+        logits = layer.router(x)
+        route_ms = timeit(lambda: layer.route(x), device, repeats)
+        weight_bytes = layer.experts.w_in.numel() * x.element_size() + layer.experts.w_out.numel() * x.element_size()
+        floor_ms = weight_bytes / 1e9 / bw * 1e3
+        rows.append({
+            "n_experts": N, "ms": round(ms, 2), "route_ms": round(route_ms, 2),
+            "over_dense": round(ms / dense_ms, 3),
+            "expert_weights_mb": round(weight_bytes / 2**20, 1),
+            "weight_read_floor_ms": round(floor_ms, 2),
+            "hf_mixtral_eager_ms": HF_MIXTRAL_EAGER_MS.get(N),
+        })
+        del layer, logits
+    by_n = {r["n_experts"]: r for r in rows}
+    ratios = {}
+    if 64 in by_n:
+        ratios["moe64_over_dense"] = by_n[64]["over_dense"]
+    if 256 in by_n and 8 in by_n:
+        ratios["n256_over_n8"] = round(by_n[256]["ms"] / by_n[8]["ms"], 3)
+        extra = by_n[256]["ms"] - by_n[8]["ms"]
+        ratios["n256_extra_ms"] = round(extra, 2)
+        ratios["n256_extra_weight_read_ms"] = round(by_n[256]["weight_read_floor_ms"] - by_n[8]["weight_read_floor_ms"], 2)
+    return {"config": {"k": k, "d_model": d_model, "d_ff": d_ff, "tokens": tokens, "device": str(device),
+                       "dtype": str(dtype).replace("torch.", "")},
+            "dense_ms": round(dense_ms, 2), "read_bandwidth_gbs": round(bw, 1), "moe": rows, "ratios": ratios}
+
+
+def bench_train(preset: str = "moe-n8", steps: int = 12, device: str = "cpu") -> dict:
+    """Training tokens/s of a preset's model on the real corpus (median over steps after warm-up)."""
+    from .train import load_token_data, make_configs, train
+
+    model_cfg, cfg, _ = make_configs(preset, steps=steps, eval_interval=0, eval_batches=1, device=device)
+    stamps = []
+    res = train(model_cfg, cfg, data=load_token_data(), callback=lambda info: stamps.append(info.elapsed_s))
+    per_step = [b - a for a, b in zip(stamps[2:], stamps[3:])]  # skip warm-up steps
+    tokens = cfg.batch_size * model_cfg.block_size
+    med = statistics.median(per_step)
+    return {"preset": preset, "steps": steps, "tokens_per_step": tokens, "step_ms": round(med * 1e3, 1),
+            "tokens_per_s": round(tokens / med), "final_loss": round(res.history[-1]["ce_loss"], 3)}
+
+
+def bench_route(model_name: str = "moe-n8", n_tokens: int = 512, repeats: int = 7) -> dict:
+    """Server-side routing latency of a text of `n_tokens` tokens through the shipped model."""
+    from .checkpoint import load
+    from .corpus import load_text
+    from .inference import route_text
+    from .tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    toks = tok.tokenize(load_text("eval")[:20000])[:n_tokens]
+    text = load_text("eval")[: toks[-1].end]
+    m = load(model_name)
+    out = {"model": model_name, "tokens": len(tok.tokenize(text))}
+    for scheme in ("softmax_topk", "switch", "expert_choice", "base"):
+        out[f"{scheme}_ms"] = round(timeit(lambda: route_text(m, text, scheme=scheme), torch.device("cpu"), repeats), 1)
+    return out
+
+
+def run_bench(args) -> int:
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - {"layer", "train", "route"}
+    if unknown:
+        raise ValueError(f"unknown part(s) to skip: {', '.join(sorted(unknown))}; use layer, train or route")
+    try:
+        ns = tuple(int(n) for n in args.experts.split(","))
+    except ValueError:
+        raise ValueError(f"--experts must be comma-separated whole numbers, got {args.experts!r}") from None
+    if any(n < 1 for n in ns):
+        raise ValueError("--experts values must be >= 1")
+    repeats = 2 if args.quick else args.repeats
+    if args.quick:
+        ns = tuple(n for n in ns if n <= 16) or ns[:1]
+    result = {"machine": machine()}
+    if "layer" not in skip:
+        result["layer"] = bench_layer(ns, tokens=args.tokens, device=args.device, repeats=repeats)
+        dev = pick_device(args.device)
+        if dev.type == "cuda":
+            result["layer_bf16"] = bench_layer(ns, tokens=args.tokens, device=args.device, repeats=repeats,
+                                               dtype=torch.bfloat16)
+    if "train" not in skip:
+        result["train"] = bench_train(steps=6 if args.quick else 12, device=args.device)
+    if "route" not in skip:
+        result["route"] = bench_route(repeats=repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_format(result))
+    return 0
+
+
+def _format(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"machine: {m['processor']}, {m['cpu_threads']} CPU threads (torch uses {m['torch_threads']}), "
+             f"torch {m['torch']}" + (f", GPU {m['gpu']}" if "gpu" in m else "")]
+    for key in ("layer", "layer_bf16"):
+        if key not in r:
+            continue
+        L = r[key]
+        c = L["config"]
+        lines.append(f"\nMoE layer forward, {c['tokens']} tokens, d_model {c['d_model']}, expert d_ff {c['d_ff']}, "
+                     f"k={c['k']}, {c['device']} {c['dtype']}; dense FFN (d_ff {c['k'] * c['d_ff']}) {L['dense_ms']} ms; "
+                     f"read bandwidth {L['read_bandwidth_gbs']} GB/s")
+        lines.append(f"{'N':>5} {'ms':>8} {'/dense':>7} {'route ms':>9} {'weights MB':>11} {'read floor ms':>14} {'HF eager ms':>12}")
+        for row in L["moe"]:
+            hf = row["hf_mixtral_eager_ms"]
+            lines.append(f"{row['n_experts']:>5} {row['ms']:>8} {row['over_dense']:>7} {row['route_ms']:>9} "
+                         f"{row['expert_weights_mb']:>11} {row['weight_read_floor_ms']:>14} {hf if hf else '':>12}")
+        for k_, v in L["ratios"].items():
+            lines.append(f"  {k_}: {v}")
+    if "train" in r:
+        t = r["train"]
+        lines.append(f"\ntraining {t['preset']}: {t['tokens_per_s']:,} tokens/s ({t['step_ms']} ms per {t['tokens_per_step']}-token step)")
+    if "route" in r:
+        lines.append("\nrouting a text: " + ", ".join(f"{k_} {v}" for k_, v in r["route"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""`moe-lab`: the command line of MoE Router Lab (also `python -m moe_core`).
+
+    moe-lab params --model mixtral-8x7b --json     total vs active parameters
+    moe-lab params --list                          every model it knows
+    moe-lab route "def f(x): return 42" --json     route text through a trained model
+    moe-lab models --json                          the shipped checkpoints
+    moe-lab train --preset moe-n8                  reproduce a checkpoint
+    moe-lab corpus                                 rebuild the corpus and tokenizer
+    moe-lab bench --json                           MoE layer vs dense FFN timings
+    moe-lab serve                                  the dashboard on http://localhost:5006
+
+Bad input gives one line on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage block too; we want one line
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
+def _number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def cmd_params(args) -> int:
+    from . import published
+
+    if args.list:
+        rows = [published.compute(name).as_dict() for name in published.published_models()]
+        shipped = _shipped_names()
+        if args.json:
+            print(json.dumps({"published": rows, "shipped": shipped}, indent=2))
+        else:
+            print(f"{'model':22} {'total':>10} {'active':>10}  source")
+            for r in rows:
+                print(f"{r['model']:22} {_human(r['total']):>10} {_human(r['active']):>10}  {r['source']}")
+            print("shipped checkpoints (counted from the loaded module): " + ", ".join(shipped))
+        return 0
+    if not args.model:
+        raise UsageError("moe-lab params: give --model NAME or --list (see moe-lab params --help)")
+    if args.model in published.published_models():
+        if args.top_k is not None:
+            raise UsageError("moe-lab params: --top-k applies to the shipped checkpoints, not to published models")
+        d = published.compute(args.model).as_dict()
+        d["memory_bytes"] = {dt: published.memory_bytes(d["total"], dt) for dt in ("fp32", "bf16", "fp8")}
+    else:
+        from .checkpoint import load
+        from .params import count_params, memory_bytes
+
+        m = load(args.model)
+        r = count_params(m.model, top_k=args.top_k)
+        d = {"model": args.model, "total": r.total, "active": r.active_per_token,
+             "published_total": None, "published_active": None,
+             "source": "counted from the loaded PyTorch module", **r.as_dict(),
+             "memory_bytes": {dt: memory_bytes(r.total, dt) for dt in ("fp32", "bf16", "fp8")}}
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(f"{d['model']}: total {_human(d['total'])} ({d['total']:,}), active per token "
+              f"{_human(d['active'])} ({d['active']:,}), {d['active'] / d['total']:.1%} active")
+        if d.get("published_total"):
+            act = _human(d["published_active"]) if d["published_active"] else "not published"
+            print(f"published: total {_human(d['published_total'])}, active {act} ({d['source']})")
+        print("memory for the weights: " + ", ".join(f"{dt} {v / 2**30:.1f} GiB" for dt, v in d["memory_bytes"].items()))
+    return 0
+
+
+def _shipped_names() -> list[str]:
+    from .checkpoint import list_checkpoints
+
+    return [d["name"] for d in list_checkpoints()]
+
+
+# ----------------------------------------------------------------------------- models / route
+
+
+def cmd_models(args) -> int:
+    from .checkpoint import list_checkpoints
+
+    rows = list_checkpoints()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no checkpoints found; train one with: moe-lab train --preset moe-n8")
+    for d in rows:
+        c, card = d["config"], d["card"]
+        loss = card.get("eval_loss")
+        print(f"{d['name']:18} N={c['n_experts']:<3} {c['scheme']:13} k={c['top_k']}  "
+              f"held-out loss {loss:.3f}  {d['recipe'].get('description', '')}" if loss is not None else d["name"])
+    return 0
+
+
+def _resolve_model_name(args) -> str:
+    if args.model and args.experts:
+        raise UsageError("moe-lab route: give --model or --experts, not both")
+    if args.experts:
+        name = f"moe-n{args.experts}"
+        names = _shipped_names()
+        if name not in names:
+            ns = sorted(int(n[5:]) for n in names if n[5:].isdigit())
+            raise UsageError(f"moe-lab route: no trained model with {args.experts} experts; "
+                             f"choose --experts from {', '.join(map(str, ns))}")
+        return name
+    return args.model or "moe-n8"
+
+
+def cmd_route(args) -> int:
+    from .checkpoint import load
+    from .inference import MAX_TOKENS, route_text
+    from .layer import pick_device
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    device = pick_device(args.device)
+    model = load(_resolve_model_name(args), device=device)
+    res = route_text(model, text, scheme=args.scheme, top_k=args.top_k,
+                     capacity_factor=args.capacity_factor, max_tokens=MAX_TOKENS)
+    if args.json:
+        out = json.dumps(res.to_json(model), ensure_ascii=False)
+    else:
+        out = _route_table(res, model)
+    print(out)
+    return 0
+
+
+def _route_table(res, model) -> str:
+    layers = [res.layer_dict(i) for i in range(len(res.routings))]
+    info = model.info()
+    lines = [f"model {info['name']} (N={info['n_experts']}, trained: {info['trained']}, recipe: {info['recipe']}), "
+             f"scheme {res.scheme}" + (f", k={res.top_k}" if res.top_k else "")
+             + (f", capacity factor {res.capacity_factor}" if res.capacity_factor else "")]
+    head = f"{'#':>4}  {'token':16}" + "".join(f"  {'layer ' + str(i):22}" for i in range(len(layers)))
+    lines += [head, "-" * len(head)]
+    for t, tok in enumerate(res.tokens):
+        shown = json.dumps(tok.text, ensure_ascii=True)[1:-1][:16]
+        cells = []
+        for L in layers:
+            cell = " ".join(f"{e}({w:.2f})" for e, w in zip(L["experts"][t], L["weights"][t]))
+            if L["dropped"][t]:
+                cell += " drop:" + ",".join(map(str, L["dropped"][t]))
+            cells.append(f"  {cell or '-':22}")
+        lines.append(f"{t:>4}  {shown:16}" + "".join(cells))
+    lines.append("")
+    for L in layers:
+        m = L["metrics"]
+        cap = f", capacity {L['capacity']}" if L["capacity"] else ""
+        lines.append(f"layer {L['layer']}: tokens per expert {L['load']}{cap}; load-balance {m['load_balance']:.3f}, "
+                     f"effective experts {m['n_eff']:.2f}, drop rate {m['drop_rate']:.1%}")
+    p = res.params
+    lines.append(f"parameters: total {p.total:,}, active per token {p.active_per_token:,} ({p.active_share:.1%})")
+    lines.append(f"next-token loss on this text: {res.loss:.3f} nats" if res.loss is not None else
+                 "next-token loss: needs at least 2 tokens")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- train / corpus / bench / serve
+
+
+def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import CHECKPOINT_DIR
+    from .train import make_configs, train_and_save
+
+    overrides = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    overrides["device"] = args.device
+    if args.threads:
+        overrides["threads"] = args.threads
+    model_cfg, train_cfg, preset = make_configs(args.preset, **overrides)
+    out = Path(args.out) if args.out else CHECKPOINT_DIR
+    path = train_and_save(preset, model_cfg, train_cfg, out, progress=not args.quiet)
+    print(f"saved {path}.safetensors and {path}.json")
+    return 0
+
+
+def cmd_corpus(args) -> int:
+    from . import corpus
+
+    return corpus.run(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def cmd_serve(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parent.parent / "app" / "main.py"
+    cmd = [sys.executable, "-m", "panel", "serve", str(app), "--address", args.address, "--port", str(args.port),
+           "--allow-websocket-origin", f"localhost:{args.port}", "--allow-websocket-origin", f"127.0.0.1:{args.port}",
+           "--index", "main", "--num-procs", "1"]
+    for origin in args.allow_origin or []:
+        cmd += ["--allow-websocket-origin", origin]
+    if args.show:
+        cmd.append("--show")
+    return subprocess.call(cmd)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moe-lab", description="MoE Router Lab: route text through a real Mixture-of-Experts model.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    q = sub.add_parser("params", help="total vs active parameters of a published or shipped model")
+    q.add_argument("--model", help="published model (e.g. mixtral-8x7b) or shipped checkpoint (e.g. moe-n8)")
+    q.add_argument("--top-k", type=_positive_int, help="experts per token (shipped checkpoints only)")
+    q.add_argument("--list", action="store_true", help="list every model")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(fn=cmd_params)
+
+    q = sub.add_parser("models", help="list the shipped checkpoints")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=cmd_models)
+
+    q = sub.add_parser("route", help="route text through every layer of a trained model")
+    q.add_argument("text", help='the text to route ("-" reads standard input)')
+    q.add_argument("--model", help="checkpoint name (moe-lab models); default moe-n8")
+    q.add_argument("--experts", type=_positive_int, help="pick the balanced checkpoint with N experts")
+    q.add_argument("--top-k", type=_positive_int, help="experts per token (top-k schemes)")
+    q.add_argument("--scheme", help="routing scheme: softmax_topk, noisy_topk, switch, gshard, expert_choice, base, deepseek")
+    q.add_argument("--capacity-factor", type=_number, help="slots per expert = ceil(factor * tokens / N)")
+    q.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    q.add_argument("--json", action="store_true", help="print JSON (schema in README)")
+    q.set_defaults(fn=cmd_route)
+
+    q = sub.add_parser("train", help="train a model from a preset and save a checkpoint")
+    q.add_argument("--preset", required=True, help="e.g. moe-n8, moe-n8-nobalance, tiny")
+    q.add_argument("--steps", type=_positive_int)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--out", help="output directory (default assets/checkpoints)")
+    q.add_argument("--device", default="cpu", help="auto, cpu or cuda")
+    q.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(fn=cmd_train)
+
+    q = sub.add_parser("corpus", help="rebuild the training corpus and the tokenizer from their sources")
+    try:
+        from . import corpus
+
+        corpus.add_arguments(q)
+    except ImportError:  # pragma: no cover - corpus builder is part of the package
+        pass
+    q.set_defaults(fn=cmd_corpus)
+
+    q = sub.add_parser("bench", help="time the MoE layer against a dense FFN, and training/routing throughput")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    q.add_argument("--experts", default="4,8,16,64,256", help="comma-separated N values")
+    q.add_argument("--tokens", type=_positive_int, default=8192)
+    q.add_argument("--repeats", type=_positive_int, default=7)
+    q.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke test)")
+    q.add_argument("--skip", default="", help="comma-separated parts to skip: layer,train,route")
+    q.set_defaults(fn=cmd_bench)
+
+    q = sub.add_parser("serve", help="serve the dashboard (panel serve app/main.py)")
+    q.add_argument("--port", type=int, default=5006)
+    q.add_argument("--address", default="127.0.0.1")
+    q.add_argument("--allow-origin", action="append", help="extra allowed websocket origin host[:port]")
+    q.add_argument("--show", action="store_true", help="open a browser")
+    q.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "fn", None):
+            parser.print_help()
+            return 2
+        return args.fn(args) or 0
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"moe-lab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-lab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug, not bad input: still one line, traceback on request
+        if os.environ.get("MOE_LAB_DEBUG"):
+            raise
+        print(f"moe-lab: internal error: {type(e).__name__}: {e} (set MOE_LAB_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

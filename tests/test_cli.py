@@ -1,0 +1,137 @@
+"""The `moe-lab` CLI: JSON schemas, and one-line errors with exit code 2."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from moe_core.cli import main
+
+
+def run(*args, stdin=None):
+    p = subprocess.run([sys.executable, "-m", "moe_core", *args], capture_output=True, text=True, input=stdin,
+                       timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(code, out, err):
+    assert code == 2, (code, out, err)
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_params_json_for_a_published_model():
+    code, out, err = run("params", "--model", "mixtral-8x7b", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    for key in ("model", "total", "active", "published_total", "published_active", "source"):
+        assert key in d
+    assert d["model"] == "mixtral-8x7b" and isinstance(d["total"], int) and d["total"] > d["active"] > 0
+    assert abs(d["total"] / d["published_total"] - 1) < 0.03
+
+
+def test_params_list(capsys):
+    assert main(["params", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mixtral-8x7b", "deepseek-v3", "qwen3-235b-a22b", "olmoe-1b-7b"):
+        assert name in out
+
+
+def test_params_of_a_shipped_checkpoint_follow_k(capsys):
+    assert main(["params", "--model", "moe-n8", "--json"]) == 0
+    k2 = json.loads(capsys.readouterr().out)
+    assert main(["params", "--model", "moe-n8", "--top-k", "4", "--json"]) == 0
+    k4 = json.loads(capsys.readouterr().out)
+    assert k4["total"] == k2["total"] and k4["active"] > k2["active"]
+
+
+@pytest.mark.parametrize("args", [
+    ["params", "--model", "gpt-17"],
+    ["params"],
+    ["params", "--model", "moe-n8", "--top-k", "0"],
+    ["params", "--model", "moe-n8", "--top-k", "99"],
+    ["route", ""],
+    ["route", "hello", "--model", "nope"],
+    ["route", "hello", "--experts", "7"],
+    ["route", "hello", "--top-k", "9"],
+    ["route", "hello", "--scheme", "magic"],
+    ["route", "hello", "--scheme", "switch", "--capacity-factor", "-1"],
+    ["route", "hello", "--scheme", "switch", "--capacity-factor", "abc"],
+    ["route", "hello", "--scheme", "switch", "--top-k", "2"],
+    ["route", "hello", "--capacity-factor", "1.5"],
+    ["route", "hello", "--device", "tpu"],
+    ["train", "--preset", "gigantic"],
+    ["bench", "--skip", "everything"],
+    ["frobnicate"],
+])
+def test_bad_arguments_give_one_line_and_exit_2(args):
+    assert_one_line_error(*run(*args))
+
+
+def test_route_over_the_token_limit_is_refused_cleanly():
+    assert_one_line_error(*run("route", "-", stdin="7 " * 5000))
+
+
+def test_route_json_schema():
+    code, out, err = run("route", "def add(a, b):\n    return a + b  # 42", "--json")
+    assert code == 0, err
+    d = json.loads(out)
+    assert set(d["model"]) >= {"name", "n_experts", "top_k_trained", "n_layers", "trained", "recipe"}
+    assert d["scheme"] == "softmax_topk" and d["top_k"] == 2
+    text = "def add(a, b):\n    return a + b  # 42"
+    assert "".join(t["text"] for t in d["tokens"]) == text
+    for t in d["tokens"]:
+        assert text[t["start"]:t["end"]] == t["text"]
+    T, N = len(d["tokens"]), d["model"]["n_experts"]
+    assert len(d["layers"]) == d["model"]["n_layers"]
+    for L in d["layers"]:
+        assert len(L["experts"]) == len(L["weights"]) == len(L["dropped"]) == len(L["probs"]) == T
+        assert all(len(row) == 2 for row in L["experts"])
+        assert all(len(p) == N and abs(sum(p) - 1) < 1e-4 for p in L["probs"])
+        assert sum(L["load"]) == 2 * T and L["capacity"] is None
+        assert set(L["metrics"]) == {"load_balance", "z_loss", "cv", "entropy", "n_eff", "gini",
+                                     "max_over_mean", "dead_experts", "drop_rate", "top1_max_share"}
+    assert d["params"]["total"] > d["params"]["active_per_token"] > 0
+    assert isinstance(d["loss"], float) and d["loss"] > 0
+
+
+def test_route_with_capacity_reports_drops_and_loss_changes_with_k():
+    code, out, _ = run("route", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15", "--scheme", "switch",
+                       "--capacity-factor", "0.5", "--json")
+    assert code == 0
+    d = json.loads(out)
+    L = d["layers"][0]
+    T = len(d["tokens"])
+    assert L["capacity"] == math.ceil(0.5 * T / d["model"]["n_experts"])
+    assert max(L["load"]) <= L["capacity"]
+    assert sum(len(x) for x in L["dropped"]) > 0
+    assert sum(L["load"]) + sum(len(x) for x in L["dropped"]) == T
+    losses = []
+    for k in ("1", "2", "8"):
+        _, out, _ = run("route", "The quick brown fox jumps over the lazy dog.", "--top-k", k, "--json")
+        losses.append(json.loads(out)["loss"])
+    assert len(set(losses)) == 3
+
+
+def test_route_table_is_readable():
+    code, out, err = run("route", "Hola, mundo 123", "--experts", "4")
+    assert code == 0, err
+    assert "layer 0" in out and "tokens per expert" in out and "next-token loss" in out
+
+
+def test_models_json_lists_shipped_checkpoints():
+    code, out, _ = run("models", "--json")
+    assert code == 0
+    names = {d["name"] for d in json.loads(out)}
+    assert {"moe-n4", "moe-n8", "moe-n16", "moe-n32", "moe-n8-nobalance", "moe-n8-bias",
+            "moe-n8-switch", "moe-n8-untrained"} <= names
+
+
+def test_bench_smoke_json():
+    code, out, err = run("bench", "--json", "--quick", "--skip", "train,route", "--experts", "4,8", "--tokens", "512")
+    assert code == 0, err
+    d = json.loads(out)
+    assert [r["n_experts"] for r in d["layer"]["moe"]] == [4, 8]
+    assert d["layer"]["dense_ms"] > 0 and all(r["ms"] > 0 for r in d["layer"]["moe"])
