@@ -1,0 +1,24 @@
+"""`panel serve app/main.py`: the MoE Router Lab dashboard (this script runs once per browser session).
+
+The model weights are loaded once per server process (moe_core.checkpoint.load
+caches them) and shared read-only by every session; each session holds only
+its own RouterState and views.
+"""
+import panel as pn
+
+from app.dashboard import CSS, Dashboard
+
+pn.extension("katex", notifications=True, raw_css=[CSS])
+
+dashboard = Dashboard()
+# BootstrapTemplate: every resource it needs is bundled with Panel, so the page works offline
+# (FastListTemplate fetches a Google font, which fails on a classroom network without internet).
+template = pn.template.BootstrapTemplate(
+    title="MoE Router Lab",
+    sidebar=dashboard.controls(),
+    main=[dashboard.main()],
+    busy_indicator=None,          # the busy indicator is process-global: it would ping every session
+    header_background="#0b3d6e",
+    sidebar_width=330,
+)
+template.servable()

@@ -1,0 +1,192 @@
+"""The dashboard's state: one param.Parameterized, no Panel or Bokeh imports.
+
+Everything the page shows is derived from `RouterState.result`, which is
+computed by `moe_core.inference.route_text` from the real model. The state can
+be driven from plain Python (tests, notebooks); the views only watch it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from functools import lru_cache
+
+import param
+
+from moe_core.checkpoint import ASSETS, list_checkpoints, load
+from moe_core.inference import MAX_TOKENS, RouteResult, route_text
+from moe_core.routing import SCHEMES
+
+RECIPE_LABELS = {
+    "load_balance": "balanced (aux loss)",
+    "none": "no balancing",
+    "deepseek_bias": "DeepSeek bias",
+    "untrained": "untrained",
+}
+MAX_TEXT_CHARS = 200_000  # longer pastes are cut before tokenising (the token limit cuts again)
+
+
+@lru_cache(maxsize=1)
+def examples() -> dict[str, str]:
+    """Example texts shown as presets (assets/examples.json)."""
+    return json.loads((ASSETS / "examples.json").read_text(encoding="utf-8"))
+
+
+@lru_cache(maxsize=1)
+def catalog() -> list[dict]:
+    """The shipped checkpoints with the labels the app uses."""
+    out = []
+    for d in list_checkpoints():
+        c, r = d["config"], d["recipe"]
+        label = RECIPE_LABELS.get(r.get("balancing"), r.get("balancing", "?"))
+        if c["scheme"] == "switch":
+            label = "Switch top-1"
+        out.append({"name": d["name"], "n_experts": c["n_experts"], "variant": label, "scheme": c["scheme"],
+                    "top_k": c["top_k"], "capacity_factor": c.get("capacity_factor"), "card": d["card"],
+                    "recipe": r})
+    return out
+
+
+def model_for(n_experts: int, variant: str) -> dict:
+    for m in catalog():
+        if m["n_experts"] == n_experts and m["variant"] == variant:
+            return m
+    raise ValueError(f"no shipped model with N = {n_experts} and variant {variant!r}")
+
+
+class RouterState(param.Parameterized):
+    """What the student has chosen, and the routing result for it."""
+
+    text = param.String(default="", doc="The text to route (the user's exact text, never rendered as HTML).")
+    n_experts = param.Selector(default=8, objects=[8], doc="N: routed experts per layer (one shipped model per N).")
+    variant = param.Selector(default="balanced (aux loss)", objects=["balanced (aux loss)"],
+                             doc="How the loaded model was trained: balanced, no balancing, DeepSeek bias, Switch, untrained.")
+    top_k = param.Integer(default=2, bounds=(1, 8), doc="k: experts per token, for top-k schemes.")
+    scheme = param.Selector(default="softmax_topk", objects=list(SCHEMES), doc="Routing scheme used at inference time.")
+    capacity_factor = param.Number(default=1.0, bounds=(0.25, 4.0), step=0.05,
+                                   doc="Slots per expert = ceil(factor x tokens / N), for capacity schemes.")
+    layer = param.Selector(default="all", objects=["all", 0, 1, 2, 3], doc="Which MoE layer the views show.")
+    selected_token = param.Integer(default=0, bounds=(0, None), doc="Index of the token shown in detail.")
+
+    result = param.Parameter(default=None, doc="The latest RouteResult (None until routed).")
+    error = param.String(default="", doc="Why the last request failed (shown as a notification).")
+    notice = param.String(default="", doc="Something the user should know about the result, e.g. truncation.")
+    route_ms = param.Number(default=0.0, doc="Server-side time of the last routing, in ms.")
+
+    def __init__(self, **params):
+        models = catalog()
+        if not models:
+            raise ValueError("no trained checkpoints in assets/checkpoints; run: moe-lab train --preset moe-n8")
+        ns = sorted({m["n_experts"] for m in models})
+        self.param.n_experts.objects = ns
+        default_n = 8 if 8 in ns else ns[0]
+        self.param.n_experts.default = default_n
+        params.setdefault("n_experts", default_n)
+        params.setdefault("text", next(iter(examples().values())))
+        super().__init__(**params)
+        self._sync_variants()
+        self._apply_model_defaults()
+
+    # -- derived -----------------------------------------------------------------
+
+    @property
+    def model_info(self) -> dict:
+        return model_for(self.n_experts, self.variant)
+
+    @property
+    def model(self):
+        return load(self.model_info["name"])
+
+    @property
+    def scheme_info(self):
+        return SCHEMES[self.scheme]
+
+    def badge(self) -> dict:
+        """An honest description of the loaded model and how it is being used."""
+        m = self.model_info
+        trained = m["variant"] != "untrained"
+        lines = [f"{m['name']}: N = {m['n_experts']}, {m['variant']}"]
+        level = "ok" if trained else "warn"
+        if not trained:
+            lines.append("Untrained: random router weights, so routing is by chance.")
+        elif m["variant"] == "no balancing":
+            lines.append("Trained with no balancing at all: expect overloaded experts.")
+        differs = []
+        if self.scheme != m["scheme"]:
+            differs.append(f"scheme {SCHEMES[self.scheme].label} (trained with {SCHEMES[m['scheme']].label})")
+        if self.scheme_info.uses_k and self.top_k != m["top_k"] and SCHEMES[m["scheme"]].uses_k:
+            differs.append(f"k = {self.top_k} (trained with k = {m['top_k']})")
+        if differs:
+            level = "warn"
+            lines.append("Differs from training: " + "; ".join(differs) + ". The model never saw this routing.")
+        return {"level": level, "lines": lines, "trained": trained}
+
+    # -- reactions ---------------------------------------------------------------
+
+    @param.depends("n_experts", watch=True)
+    def _sync_variants(self):
+        variants = [m["variant"] for m in catalog() if m["n_experts"] == self.n_experts]
+        self.param.variant.objects = variants
+        if self.variant not in variants:
+            preferred = [v for v in variants if v.startswith("balanced")]
+            self.variant = preferred[0] if preferred else variants[0]
+        n_layer = self.model.config.n_layer
+        self.param.layer.objects = ["all", *range(n_layer)]
+        self.param.top_k.bounds = (1, self.n_experts)
+        if self.top_k > self.n_experts:
+            self.top_k = self.n_experts
+
+    @param.depends("variant", watch=True)
+    def _apply_model_defaults(self):
+        """A newly loaded model starts with the routing it was trained with."""
+        m = self.model_info
+        with param.parameterized.batch_call_watchers(self):
+            self.scheme = m["scheme"]
+            if SCHEMES[m["scheme"]].uses_k:
+                self.top_k = min(m["top_k"], self.n_experts)
+            if m.get("capacity_factor"):
+                self.capacity_factor = m["capacity_factor"]
+
+    # -- routing -----------------------------------------------------------------
+
+    def request(self) -> dict:
+        """The routing options that apply to the current scheme."""
+        s = self.scheme_info
+        req = {"scheme": self.scheme}
+        if s.uses_k:
+            req["top_k"] = self.top_k
+        if s.uses_capacity:
+            req["capacity_factor"] = float(self.capacity_factor)
+        return req
+
+    def route(self) -> RouteResult | None:
+        """Route the current text; on bad input keep the last good result and set `error`."""
+        text = self.text
+        notice = ""
+        if len(text) > MAX_TEXT_CHARS:
+            text = text[:MAX_TEXT_CHARS]
+            notice = f"The text is very long: only its first {MAX_TEXT_CHARS:,} characters are routed."
+        if not text:
+            self.param.update(error="The text is empty: type or paste something to route.")
+            return None
+        t0 = time.perf_counter()
+        try:
+            res = route_text(self.model, text, max_tokens=MAX_TOKENS, truncate=True, **self.request())
+        except ValueError as e:
+            self.param.update(error=str(e))
+            return None
+        ms = (time.perf_counter() - t0) * 1e3
+        if res.truncated:
+            notice = (f"The text has {res.n_tokens_in_text:,} tokens; only the first {MAX_TOKENS:,} are routed "
+                      f"(the limit per request).")
+        sel = min(self.selected_token, len(res.tokens) - 1)
+        self.param.update(result=res, error="", notice=notice, route_ms=ms, selected_token=max(sel, 0))
+        return res
+
+    def layers_shown(self) -> list[int]:
+        if self.result is None:
+            return []
+        n = len(self.result.routings)
+        return list(range(n)) if self.layer == "all" else [int(self.layer)]
+
+
+__all__ = ["RouterState", "examples", "catalog", "model_for", "MAX_TEXT_CHARS"]

@@ -1,0 +1,101 @@
+"""Shared fixtures.
+
+Browser tests (marker `ui`) drive Debian's chromium through pytest-playwright
+against ONE real `panel serve app/main.py` started per test session on port 0
+(the OS picks a free port; we read it from the server log). Each test opens a
+new browser context, which is a new Panel session.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+RUNNING_AT = re.compile(r"Bokeh app running at: (http://\S+?)/main\b")
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"chromium not found at {CHROMIUM}; `make test` installs Debian's chromium, "
+                    f"or set CHROMIUM_PATH", pytrace=False)
+    return {**browser_type_launch_args, "executable_path": CHROMIUM, "args": CHROMIUM_ARGS}
+
+
+@pytest.fixture(scope="session")
+def browser_context_args(browser_context_args):
+    return {**browser_context_args, "viewport": {"width": 1280, "height": 800}}
+
+
+@pytest.fixture
+def context(context):
+    context.set_default_timeout(30_000)
+    yield context
+
+
+class _Drain(threading.Thread):
+    """Read the server's output so a full pipe never blocks it."""
+
+    def __init__(self, stream):
+        super().__init__(daemon=True)
+        self.stream, self.lines = stream, []
+
+    def run(self):
+        for line in iter(self.stream.readline, ""):
+            self.lines.append(line)
+
+
+@pytest.fixture(scope="session")
+def app_url():
+    import requests
+
+    cmd = [sys.executable, "-m", "panel", "serve", "app/main.py", "--address", "127.0.0.1", "--port", "0",
+           "--allow-websocket-origin", "*", "--liveness", "--num-procs", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BOKEH_", "PANEL_"))}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    log = _Drain(proc.stdout)
+    log.start()
+    base = None
+    deadline = time.monotonic() + 60
+    try:
+        while base is None and time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("panel serve exited:\n" + "".join(log.lines))
+            for line in list(log.lines):
+                if m := RUNNING_AT.search(line):
+                    base = m.group(1)
+            time.sleep(0.05)
+        if base is None:
+            raise RuntimeError("panel serve did not start:\n" + "".join(log.lines))
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{base}/liveness", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        yield f"{base}/main"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)          # the whole group: never leave a server behind
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "panel_serve.log").write_text("".join(log.lines))
+        tracebacks = [line for line in log.lines if "Traceback" in line]
+        if tracebacks:
+            print(f"\npanel serve logged {len(tracebacks)} traceback(s); see artifacts/panel_serve.log")
