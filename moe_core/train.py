@@ -20,6 +20,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -249,6 +250,69 @@ def _progress(info: StepInfo) -> None:
     sys.stderr.flush()
 
 
+_init_lock = threading.Lock()
+
+
+class Trainer:
+    """One model being trained, one optimizer step per `step()` (the training lab steps it by hand)."""
+
+    def __init__(self, model_cfg: MoEConfig, cfg: TrainConfig, *, data: TokenData | None = None,
+                 model: MoEGPT | None = None):
+        from .layer import pick_device
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model_cfg, self.cfg = model_cfg, cfg
+        self.device = pick_device(cfg.device)
+        with _init_lock:                    # seeded init, safe with several trainers in one process
+            torch.manual_seed(cfg.seed)
+            model = model or MoEGPT(model_cfg)
+        self.model = model.to(self.device)
+        self.model.train()
+        self.data = data or load_token_data()
+        self.opt = configure_optimizer(self.model, cfg)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.tokens_per_step = cfg.batch_size * model_cfg.block_size
+        self.step_count = 0
+        self.eval_loss: float | None = None
+        self.train_s = 0.0                  # time spent in step(), excluding pauses
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.cfg.steps
+
+    def step(self) -> StepInfo:
+        cfg, model_cfg, model = self.cfg, self.model_cfg, self.model
+        t0 = time.perf_counter()
+        step = self.step_count
+        lr = lr_at(step, cfg)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x, y = self.data.batch("train", cfg.batch_size, model_cfg.block_size, self.gen)
+        out = model(x.to(self.device), y.to(self.device), return_logits=False)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        if model_cfg.bias_update_rate:
+            model.update_expert_bias(out.routings)
+        self.step_count += 1
+        step_eval = None
+        if (cfg.eval_interval and self.step_count % cfg.eval_interval == 0) or self.done:
+            step_eval = self.eval_loss = evaluate(model, self.data, cfg.eval_batches)
+        self.train_s += time.perf_counter() - t0
+        return StepInfo(
+            step=self.step_count, steps=cfg.steps, loss=out.loss.item(), ce_loss=out.ce_loss.item(),
+            aux={k: v.item() for k, v in out.aux.items()}, lr=lr,
+            tokens_per_s=self.tokens_per_step * self.step_count / self.train_s, elapsed_s=self.train_s,
+            load=[r.load.tolist() for r in out.routings],
+            top1_share=[(torch.bincount(r.top1[r.top1 >= 0], minlength=r.n_experts).float()
+                         / max(1, int((r.top1 >= 0).sum()))).tolist() for r in out.routings],
+            bias=[m.expert_bias.tolist() for m in model.moe_layers] if model_cfg.scheme == "deepseek" else None,
+            eval_loss=step_eval,
+        )
+
+
 def train(
     model_cfg: MoEConfig,
     cfg: TrainConfig,
@@ -260,54 +324,16 @@ def train(
     model: MoEGPT | None = None,
 ) -> TrainResult:
     """Train a fresh model (or continue `model`) and return it with its history."""
-    from .layer import pick_device
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = (model or MoEGPT(model_cfg)).to(device)
-    model.train()
-    data = data or load_token_data()
-    opt = configure_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    trainer = Trainer(model_cfg, cfg, data=data, model=model)
     history: list[dict] = []
-    tokens_per_step = cfg.batch_size * model_cfg.block_size
     t0 = time.perf_counter()
     stopped = False
-    eval_loss = None
-    for step in range(cfg.steps):
+    while not trainer.done:
         if should_stop is not None and should_stop():
             stopped = True
             break
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x, y = data.batch("train", cfg.batch_size, model_cfg.block_size, gen)
-        out = model(x.to(device), y.to(device), return_logits=False)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        if model_cfg.bias_update_rate:
-            model.update_expert_bias(out.routings)
-
-        elapsed = time.perf_counter() - t0
-        last = step + 1 == cfg.steps
-        step_eval = None
-        if (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0) or last:
-            step_eval = eval_loss = evaluate(model, data, cfg.eval_batches)
-        info = StepInfo(
-            step=step + 1, steps=cfg.steps, loss=out.loss.item(), ce_loss=out.ce_loss.item(),
-            aux={k: v.item() for k, v in out.aux.items()}, lr=lr,
-            tokens_per_s=tokens_per_step * (step + 1) / elapsed, elapsed_s=elapsed,
-            load=[r.load.tolist() for r in out.routings],
-            top1_share=[(torch.bincount(r.top1[r.top1 >= 0], minlength=r.n_experts).float()
-                         / max(1, int((r.top1 >= 0).sum()))).tolist() for r in out.routings],
-            bias=[m.expert_bias.tolist() for m in model.moe_layers] if model_cfg.scheme == "deepseek" else None,
-            eval_loss=step_eval,
-        )
-        history.append({"step": info.step, "loss": info.loss, "ce_loss": info.ce_loss, "eval_loss": step_eval,
+        info = trainer.step()
+        history.append({"step": info.step, "loss": info.loss, "ce_loss": info.ce_loss, "eval_loss": info.eval_loss,
                         "max_top1_share": [max(s) for s in info.top1_share]})
         if callback is not None:
             callback(info)
@@ -315,9 +341,10 @@ def train(
             _progress(info)
     wall = time.perf_counter() - t0
     if cfg.steps == 0:
-        eval_loss = evaluate(model, data, cfg.eval_batches)
-    model.eval()
-    return TrainResult(model, model_cfg, cfg, history, eval_loss, wall, tokens_per_step * len(history), stopped)
+        trainer.eval_loss = evaluate(trainer.model, trainer.data, cfg.eval_batches)
+    trainer.model.eval()
+    return TrainResult(trainer.model, model_cfg, cfg, history, trainer.eval_loss, wall,
+                       trainer.tokens_per_step * len(history), stopped)
 
 
 def train_and_save(preset: Preset, model_cfg: MoEConfig, cfg: TrainConfig, out_dir: Path, *,
