@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import json
 from pathlib import Path
 
 import panel as pn
@@ -109,6 +110,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _sync_widgets(self, *events):
         s = self.state
+        self.n_experts.options = list(s.param.n_experts.objects)
         self.variant.options = list(s.param.variant.objects)
         self.variant.value = s.variant
         self.n_experts.value = s.n_experts
@@ -196,7 +198,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _redraw_tokens(self):
         s = self.state
-        self.tokens.data = token_view_data(s.result, s.layers_shown(), self.numbers.value)
+        self.tokens.data = json.dumps(token_view_data(s.result, s.layers_shown(), self.numbers.value))
 
     def _redraw(self, *events):
         s = self.state
@@ -294,8 +296,11 @@ class Dashboard(pn.viewable.Viewer):
         return pn.Column(acc, sizing_mode="stretch_width")
 
     def main(self):
-        return pn.Tabs(("Router", self.router_tab()), ("Parameters", self.params_tab()), ("Learn", self.learn_tab()),
-                       sizing_mode="stretch_width", dynamic=True)
+        from .lab import TrainingLab
+
+        self.lab = TrainingLab(notify=notify, css=CSS, router_state=self.state)
+        return pn.Tabs(("Router", self.router_tab()), ("Training lab", self.lab), ("Parameters", self.params_tab()),
+                       ("Learn", self.learn_tab()), sizing_mode="stretch_width", dynamic=True)
 
     def __panel__(self):
         return pn.Row(pn.Column(*self.controls(), width=300), self.main(), sizing_mode="stretch_width")

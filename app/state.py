@@ -71,6 +71,9 @@ class RouterState(param.Parameterized):
     error = param.String(default="", doc="Why the last request failed (shown as a notification).")
     notice = param.String(default="", doc="Something the user should know about the result, e.g. truncation.")
     route_ms = param.Number(default=0.0, doc="Server-side time of the last routing, in ms.")
+    lab_model = param.Parameter(default=None, doc="A model this session trained in the lab (LoadedModel) or None.")
+
+    LAB_VARIANT = "trained in the lab"
 
     def __init__(self, **params):
         models = catalog()
@@ -88,13 +91,39 @@ class RouterState(param.Parameterized):
 
     # -- derived -----------------------------------------------------------------
 
+    def models(self) -> list[dict]:
+        """The shipped checkpoints, plus this session's lab model when there is one."""
+        out = list(catalog())
+        lm = self.lab_model
+        if lm is not None:
+            c = lm.config
+            out.append({"name": lm.name, "n_experts": c.n_experts, "variant": self.LAB_VARIANT, "scheme": c.scheme,
+                        "top_k": c.top_k, "capacity_factor": c.capacity_factor, "card": lm.card, "recipe": lm.recipe})
+        return out
+
     @property
     def model_info(self) -> dict:
-        return model_for(self.n_experts, self.variant)
+        for m in self.models():
+            if m["n_experts"] == self.n_experts and m["variant"] == self.variant:
+                return m
+        raise ValueError(f"no model with N = {self.n_experts} and variant {self.variant!r}")
 
     @property
     def model(self):
+        if self.variant == self.LAB_VARIANT and self.lab_model is not None:
+            return self.lab_model
         return load(self.model_info["name"])
+
+    def use_lab_model(self, loaded) -> None:
+        """Route with a model trained in this session's lab (it replaces any earlier lab model)."""
+        self.lab_model = loaded
+        ns = sorted({m["n_experts"] for m in self.models()})
+        self.param.n_experts.objects = ns
+        with param.parameterized.batch_call_watchers(self):
+            self.n_experts = loaded.config.n_experts
+            self._sync_variants()
+            self.variant = self.LAB_VARIANT
+        self._apply_model_defaults()
 
     @property
     def scheme_info(self):
@@ -105,6 +134,8 @@ class RouterState(param.Parameterized):
         m = self.model_info
         trained = m["variant"] != "untrained"
         lines = [f"{m['name']}: N = {m['n_experts']}, {m['variant']}"]
+        if m["variant"] == self.LAB_VARIANT:
+            lines.append(f"Trained in this session's lab ({m['card'].get('steps', '?')} steps, smaller model).")
         level = "ok" if trained else "warn"
         if not trained:
             lines.append("Untrained: random router weights, so routing is by chance.")
@@ -124,21 +155,27 @@ class RouterState(param.Parameterized):
 
     @param.depends("n_experts", watch=True)
     def _sync_variants(self):
-        variants = [m["variant"] for m in catalog() if m["n_experts"] == self.n_experts]
+        variants = [m["variant"] for m in self.models() if m["n_experts"] == self.n_experts]
         self.param.variant.objects = variants
         if self.variant not in variants:
             preferred = [v for v in variants if v.startswith("balanced")]
             self.variant = preferred[0] if preferred else variants[0]
-        n_layer = self.model.config.n_layer
-        self.param.layer.objects = ["all", *range(n_layer)]
+        self._sync_layers()
         self.param.top_k.bounds = (1, self.n_experts)
         if self.top_k > self.n_experts:
             self.top_k = self.n_experts
+
+    def _sync_layers(self):
+        n_layer = self.model.config.n_layer
+        self.param.layer.objects = ["all", *range(n_layer)]
+        if self.layer not in self.param.layer.objects:
+            self.layer = "all"
 
     @param.depends("variant", watch=True)
     def _apply_model_defaults(self):
         """A newly loaded model starts with the routing it was trained with."""
         m = self.model_info
+        self._sync_layers()
         with param.parameterized.batch_call_watchers(self):
             self.scheme = m["scheme"]
             if SCHEMES[m["scheme"]].uses_k:

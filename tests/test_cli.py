@@ -66,8 +66,14 @@ def test_params_of_a_shipped_checkpoint_follow_k(capsys):
     ["bench", "--skip", "everything"],
     ["frobnicate"],
 ])
-def test_bad_arguments_give_one_line_and_exit_2(args):
-    assert_one_line_error(*run(*args))
+def test_bad_arguments_give_one_line_and_exit_2(args, capsys):
+    code = main(args)          # in process (fast); the subprocess tests below cover the real entry point
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, out, err)
+
+
+def test_bad_arguments_from_the_real_entry_point():
+    assert_one_line_error(*run("route", "hello", "--top-k", "9"))
 
 
 def test_route_over_the_token_limit_is_refused_cleanly():
@@ -97,7 +103,7 @@ def test_route_json_schema():
     assert isinstance(d["loss"], float) and d["loss"] > 0
 
 
-def test_route_with_capacity_reports_drops_and_loss_changes_with_k():
+def test_route_with_capacity_reports_drops():
     code, out, _ = run("route", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15", "--scheme", "switch",
                        "--capacity-factor", "0.5", "--json")
     assert code == 0
@@ -108,10 +114,14 @@ def test_route_with_capacity_reports_drops_and_loss_changes_with_k():
     assert max(L["load"]) <= L["capacity"]
     assert sum(len(x) for x in L["dropped"]) > 0
     assert sum(L["load"]) + sum(len(x) for x in L["dropped"]) == T
+
+
+
+def test_loss_changes_with_k(capsys):
     losses = []
     for k in ("1", "2", "8"):
-        _, out, _ = run("route", "The quick brown fox jumps over the lazy dog.", "--top-k", k, "--json")
-        losses.append(json.loads(out)["loss"])
+        assert main(["route", "The quick brown fox jumps over the lazy dog.", "--top-k", k, "--json"]) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
     assert len(set(losses)) == 3
 
 

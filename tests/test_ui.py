@@ -178,3 +178,35 @@ def test_route_json_matches_what_the_page_shows(page: Page, app_url):
     expected = sorted((t, e) for t, es in enumerate(layer0["experts"]) for e in es)
     ts, es = model_data(page, "heat_cells_0", "t"), model_data(page, "heat_cells_0", "e")
     assert sorted(zip(ts, es)) == expected
+
+
+def slider_handle(page: Page, title: str):
+    """The noUiSlider handle of the Panel slider whose title starts with `title`."""
+    group = page.locator(".bk-input-group").filter(has=page.locator(".bk-slider-title", has_text=title))
+    return group.locator(".noUi-handle").first
+
+
+def test_training_lab_trains_live_and_the_model_can_route_text(page: Page, app_url):
+    open_app(page, app_url)
+    page.get_by_text("Training lab", exact=True).first.click()
+    steps = slider_handle(page, "Steps")
+    steps.focus()
+    steps.press("Home")                                   # the fewest steps: 20
+    expect(page.locator(".bk-slider-title", has_text="Steps").first).to_contain_text("20")
+    page.get_by_role("button", name="Train", exact=True).click()
+    # the loss curve and the per-expert share plot fill in while it trains
+    page.wait_for_function("() => { const m = Bokeh.documents[0].get_model_by_name('lab_loss_0');"
+                           " return m && m.data.step.length >= 3; }")
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('lab_share_0').data.step.length >= 3")
+    expect(page.locator("[data-testid=lab-status]").first).to_contain_text("step")
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('lab_loss_0').data.step.length === 20",
+                           timeout=120_000)
+    expect(page.locator("[data-testid=lab-status]").first).to_contain_text("done")
+    page.screenshot(path=str(ARTIFACTS / "lab.png"))
+    use = page.get_by_role("button", name="Route text with this model")
+    expect(use).to_be_enabled()
+    use.click()
+    page.get_by_text("Router", exact=True).first.click()
+    expect(page.locator(".badge-ok, .badge-warn").first).to_contain_text("trained in the lab")
+    # the lab model has 2 layers: the heatmap of layer 0 is routed by it
+    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('heatmap_2').visible === false")

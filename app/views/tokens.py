@@ -54,7 +54,8 @@ def token_view_data(result, layers: list[int], show_numbers: bool = True) -> dic
 class TokenText(JSComponent):
     """Coloured tokens; `selected` is two-way (click or arrow keys in the browser)."""
 
-    data = param.Dict(default={}, doc="Output of token_view_data().")
+    data = param.String(default="{}", doc="token_view_data() as JSON (a string compares in O(1) when "
+                                          "param checks for a change; a big dict would be compared deeply).")
     selected = param.Integer(default=0, doc="Index of the selected token.")
 
     _esm = r"""
@@ -88,7 +89,7 @@ class TokenText(JSComponent):
       }
 
       function draw() {
-        const d = model.data;
+        const d = JSON.parse(model.data || "{}");
         root.replaceChildren();
         spans = [];
         if (!d || !d.texts) return;

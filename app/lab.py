@@ -1,0 +1,380 @@
+"""The training lab tab: train a real MoE live and watch the router collapse, or not.
+
+Widgets build a `moe_core.lab.Recipe`; Train submits a job to the process-wide
+`moe_core.lab.manager()` (server-wide cap, queue); a periodic callback polls the
+job and streams its new steps into Bokeh sources. One job per session: a new
+Train cancels the old job, and closing the tab cancels it too.
+"""
+from __future__ import annotations
+
+import html
+import io
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import panel as pn
+import param
+from bokeh.models import ColumnDataSource, HoverTool, Legend, Span
+from bokeh.plotting import figure
+
+from moe_core.lab import (
+    BALANCING, COLLAPSED_SHARE, MAX_EXPERTS, MAX_STEPS, PRESETS, UNEVEN_FACTOR, Recipe, manager, status,
+)
+from moe_core.routing import SCHEMES
+
+from .views.palette import expert_colors
+
+POLL_MS = 400
+RUN_COLORS = ["#0072B2", "#D55E00"]
+RUN_DASH = ["solid", "dashed"]
+
+
+class TrainingLab(pn.viewable.Viewer):
+    """Controls + live plots for one session's training job."""
+
+    router_state = param.Parameter(default=None, doc="The dashboard's RouterState, to route with a lab model.")
+
+    def __init__(self, notify=None, css: str = "", **params):
+        super().__init__(**params)
+        self._notify = notify or (lambda kind, msg: None)
+        self._css = [css] if css else []
+        self.job = None
+        self._since = [0, 0]
+        self._poll_cb = None
+        self._build_widgets()
+        # sources are made once and reused (their names stay unique in the document)
+        self.loss_src = [ColumnDataSource({"step": [], "loss": []}, name=f"lab_loss_{i}") for i in range(2)]
+        self.eval_src = [ColumnDataSource({"step": [], "eval": []}, name=f"lab_eval_{i}") for i in range(2)]
+        self.busy_src = [ColumnDataSource({"step": [], "busiest": []}, name=f"lab_busiest_{i}") for i in range(2)]
+        self.share_src = [ColumnDataSource({"step": []}, name=f"lab_share_{i}") for i in range(2)]
+        self.bias_src = [ColumnDataSource({"step": []}, name=f"lab_bias_{i}") for i in range(2)]
+        self._build_plots(Recipe(), None)
+        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+            pn.state.on_session_destroyed(lambda ctx: self.cancel())
+
+    # -- widgets -------------------------------------------------------------------
+
+    def _build_widgets(self):
+        self.preset = pn.widgets.Select(name="Preset", options=list(PRESETS), value=list(PRESETS)[0])
+        self.n = pn.widgets.IntSlider(name="N (experts)", start=2, end=MAX_EXPERTS, value=8)
+        self.k = pn.widgets.IntSlider(name="k (experts per token)", start=1, end=8, value=2)
+        self.scheme = pn.widgets.Select(name="Routing scheme", options={v.label: k for k, v in SCHEMES.items()},
+                                        value="softmax_topk")
+        self.balancing = pn.widgets.Select(name="Balancing", options={v: k for k, v in BALANCING.items()},
+                                           value="none")
+        self.aux = pn.widgets.FloatSlider(name="Load-balancing loss weight", start=0.0, end=0.1, step=0.001,
+                                          value=0.01, format="0.000")
+        self.gamma = pn.widgets.FloatSlider(name="DeepSeek bias step \u03b3", start=0.0, end=0.05, step=0.001,
+                                            value=0.01, format="0.000")
+        self.capacity = pn.widgets.FloatSlider(name="Capacity factor", start=0.5, end=4.0, step=0.05, value=1.25)
+        self.steps = pn.widgets.IntSlider(name="Steps", start=20, end=MAX_STEPS, step=10, value=300)
+        self.seed = pn.widgets.IntInput(name="Seed", value=0, start=0, end=2**31 - 1)
+        self.compare = pn.widgets.Select(name="Compare with (same seed and data)",
+                                         options=["(nothing)", *PRESETS], value="(nothing)")
+        self.train_btn = pn.widgets.Button(name="Train", button_type="primary")
+        self.pause_btn = pn.widgets.Button(name="Pause", disabled=True)
+        self.step_btn = pn.widgets.Button(name="Step +1", disabled=True)
+        self.reset_btn = pn.widgets.Button(name="Reset", disabled=True)
+        self.use_btn = pn.widgets.Button(name="Route text with this model", disabled=True, button_type="success")
+        self.download = pn.widgets.FileDownload(callback=self._download, filename="moe-lab-model.zip",
+                                                label="Download model (safetensors + config)", disabled=True,
+                                                button_type="default")
+        self.progress = pn.indicators.Progress(value=0, max=100, sizing_mode="stretch_width", bar_color="primary")
+        self.status = pn.pane.HTML(stylesheets=self._css, sizing_mode="stretch_width")
+        self.layer = pn.widgets.RadioButtonGroup(name="Layer", options={"layer 0": 0, "layer 1": 1}, value=0)
+
+        self.preset.param.watch(self._on_preset, "value")
+        self.scheme.param.watch(self._on_scheme, "value")
+        self.n.param.watch(lambda e: setattr(self.k, "end", max(1, min(8, e.new))), "value")
+        self.train_btn.on_click(lambda e: self.start())
+        self.pause_btn.on_click(lambda e: self.toggle_pause())
+        self.step_btn.on_click(lambda e: self.job and self.job.step(1))
+        self.reset_btn.on_click(lambda e: self.reset())
+        self.use_btn.on_click(lambda e: self.use_model())
+        self.layer.param.watch(lambda e: self._rebuild_share_plots(), "value")
+        self._on_preset(None)
+        self._set_status("idle", "Pick a recipe and press Train. The model is the shipped one made smaller "
+                                 "(2 layers, d_model 64) so a minute of CPU shows the dynamics.")
+
+    def _on_preset(self, event):
+        r = PRESETS[self.preset.value]
+        self.n.value, self.k.value, self.scheme.value = r.n_experts, r.top_k, r.scheme
+        self.balancing.value, self.capacity.value = r.balancing, r.capacity_factor
+        self._on_scheme(None)
+
+    def _on_scheme(self, event):
+        s = SCHEMES[self.scheme.value]
+        self.k.disabled = not s.uses_k
+        self.capacity.disabled = not s.uses_capacity
+
+    def recipe(self) -> Recipe:
+        return Recipe(n_experts=self.n.value, top_k=self.k.value, scheme=self.scheme.value,
+                      balancing=self.balancing.value, aux_coef=self.aux.value, gamma=self.gamma.value,
+                      capacity_factor=self.capacity.value, steps=self.steps.value, seed=int(self.seed.value or 0))
+
+    # -- job control ---------------------------------------------------------------------
+
+    def start(self):
+        try:
+            recipes = [self.recipe().validate()]
+            if self.compare.value in PRESETS:
+                other = PRESETS[self.compare.value]
+                recipes.append(Recipe(**{**other.__dict__, "steps": recipes[0].steps, "seed": recipes[0].seed,
+                                         "n_experts": recipes[0].n_experts}).validate())
+        except ValueError as e:
+            self._notify("error", str(e))
+            return
+        self.cancel()
+        self.job = manager().submit(recipes)
+        self._since = [0] * len(recipes)
+        self._started = time.perf_counter()
+        self._build_plots(recipes[0], recipes[1] if len(recipes) > 1 else None)
+        for b in (self.pause_btn, self.step_btn, self.reset_btn):
+            b.disabled = False
+        self.use_btn.disabled = self.download.disabled = True
+        self.pause_btn.name = "Pause"
+        if self._poll_cb is None:
+            self._poll_cb = pn.state.add_periodic_callback(self.poll, period=POLL_MS)
+        self.poll()
+
+    def toggle_pause(self):
+        if self.job is None:
+            return
+        if self.job.state == "paused":
+            self.job.resume()
+            self.pause_btn.name = "Pause"
+        else:
+            self.job.pause()
+            self.pause_btn.name = "Play"
+
+    def cancel(self):
+        if self.job is not None and not self.job.finished:
+            self.job.cancel()
+
+    def reset(self):
+        self.cancel()
+        self.job = None
+        self._stop_polling()
+        self._build_plots(self.recipe(), None)
+        for b in (self.pause_btn, self.step_btn, self.reset_btn, self.use_btn):
+            b.disabled = True
+        self.download.disabled = True
+        self.progress.value = 0
+        self._set_status("idle", "Reset. Pick a recipe and press Train.")
+
+    def _stop_polling(self):
+        if self._poll_cb is not None:
+            self._poll_cb.stop()
+            self._poll_cb = None
+
+    # -- polling -------------------------------------------------------------------------
+
+    def poll(self):
+        job = self.job
+        if job is None:
+            return
+        snap = job.snapshot(self._since)
+        with pn.io.hold():
+            for i, run in enumerate(snap["runs"]):
+                if run["steps"]:
+                    self._stream(i, run["steps"])
+                    self._since[i] += len(run["steps"])
+            self._show_progress(snap)
+        if job.finished:
+            self._stop_polling()
+            self.pause_btn.disabled = self.step_btn.disabled = True
+            if job.state == "done":
+                self.use_btn.disabled = self.download.disabled = False
+            elif job.state == "failed":
+                self._notify("error", f"Training failed: {job.error}")
+
+    def _show_progress(self, snap):
+        run0 = self.job.runs[0]
+        done = len(run0.steps)
+        total = run0.recipe.steps
+        self.progress.value = int(100 * done / max(total, 1))
+        st = snap["state"]
+        if st == "queued":
+            self._set_status("queued", f"Waiting for a free training slot: position {snap['queue_position']} in "
+                                       f"the queue (this server trains {manager().max_running} job(s) at a time).")
+            return
+        last = run0.steps[-1] if run0.steps else None
+        parts = [f"{st}: step {done}/{total}"]
+        if last:
+            eta = (total - done) / max(done, 1) * last["elapsed_s"] * len(self.job.runs)
+            parts.append(f"{last['tokens_per_s'] * 1:,.0f} tokens/s, ETA {eta:.0f} s")
+        verdicts, words = [], []
+        for i, run in enumerate(self.job.runs):
+            if run.steps:
+                word, why = status(run.steps[-1]["top1_share"])
+                words.append(word)
+                verdicts.append(f"{'AB'[i]}: <b>{word}</b> ({html.escape(why)}) \u2014 "
+                                f"{html.escape(run.recipe.label())}")
+        self._set_status("collapsed" if "Collapsed" in words else st, " \u00b7 ".join(parts), verdicts)
+
+    def _set_status(self, state: str, text: str, verdicts: list[str] | None = None):
+        level = "warn" if state in ("failed", "queued", "cancelled", "collapsed") else "ok"
+        extra = "".join(f"<div>{v}</div>" for v in verdicts or [])
+        self.status.object = (f"<div class='badge-{level}' data-testid='lab-status'>{html.escape(text)}{extra}"
+                              f"<div class='muted'>Collapsed: one expert takes \u2265 {COLLAPSED_SHARE:.0%} of "
+                              f"first choices in some layer. Uneven: more than {UNEVEN_FACTOR:g}\u00d7 the fair share "
+                              f"1/N. Balanced: otherwise.</div></div>")
+
+    # -- plots -----------------------------------------------------------------------------
+
+    def _build_plots(self, a: Recipe, b: Recipe | None):
+        runs = [a] if b is None else [a, b]
+        self._recipes = runs
+        for i in range(2):
+            self.loss_src[i].data = {"step": [], "loss": []}
+            self.eval_src[i].data = {"step": [], "eval": []}
+            self.busy_src[i].data = {"step": [], "busiest": []}
+        f = figure(height=260, sizing_mode="stretch_width", title="Loss (nats): training, and held-out dots",
+                   tools="save", toolbar_location=None)
+        g = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1.02),
+                   title="Busiest expert's share of first choices (any layer)", tools="save", toolbar_location=None)
+        items_f, items_g = [], []
+        for i, r in enumerate(runs):
+            lab = f"{'AB'[i]}: {r.label()}"
+            ln = f.line("step", "loss", source=self.loss_src[i], color=RUN_COLORS[i], line_dash=RUN_DASH[i], width=2)
+            f.scatter("step", "eval", source=self.eval_src[i], color=RUN_COLORS[i], size=7)
+            items_f.append((lab, [ln]))
+            lg = g.line("step", "busiest", source=self.busy_src[i], color=RUN_COLORS[i], line_dash=RUN_DASH[i],
+                        width=2)
+            items_g.append((lab, [lg]))
+        g.add_layout(Span(location=COLLAPSED_SHARE, dimension="width", line_color="#B35806", line_dash="dotted",
+                          line_width=2))
+        g.add_layout(Span(location=1 / a.n_experts, dimension="width", line_color="#333", line_dash="dotted"))
+        for fig, items in ((f, items_f), (g, items_g)):
+            fig.add_layout(Legend(items=items, label_text_font_size="11px", orientation="vertical"), "below")
+            fig.xaxis.axis_label = "step"
+            fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("value", "$y{0.000}")]))
+        self.loss_fig, self.busy_fig = f, g
+        if not hasattr(self, "loss_pane"):
+            self.loss_pane = pn.pane.Bokeh(f, sizing_mode="stretch_width")
+            self.busy_pane = pn.pane.Bokeh(g, sizing_mode="stretch_width")
+            self.share_panes = pn.Row(sizing_mode="stretch_width")
+            self.bias_panes = pn.Row(sizing_mode="stretch_width")
+        else:
+            self.loss_pane.object, self.busy_pane.object = f, g
+        self._history = [[] for _ in runs]       # kept for redrawing the share plots per layer
+        self._rebuild_share_plots()
+
+    def _rebuild_share_plots(self):
+        layer = self.layer.value
+        shares, biases = [], []
+        for i, r in enumerate(self._recipes):
+            n = r.n_experts
+            cols = [f"e{e}" for e in range(n)]
+            src = self.share_src[i]
+            src.data = {"step": [], **{c: [] for c in cols}}
+            fig = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1), tools="save",
+                         toolbar_location=None,
+                         title=f"{'AB'[i]}: share of first choices per expert, layer {layer} (stacked)")
+            fig.varea_stack(cols, x="step", source=src, color=expert_colors(n), alpha=0.9)
+            fig.xaxis.axis_label = "step"
+            fig.yaxis.axis_label = "share"
+            shares.append(pn.pane.Bokeh(fig, sizing_mode="stretch_width"))
+            bsrc = self.bias_src[i]
+            bsrc.data = {"step": [], **{c: [] for c in cols}}
+            if r.balancing == "deepseek_bias":
+                bf = figure(height=220, sizing_mode="stretch_width", tools="save", toolbar_location=None,
+                            title=f"{'AB'[i]}: DeepSeek selection bias per expert, layer {layer}")
+                for e, c in enumerate(cols):
+                    bf.line("step", c, source=bsrc, color=expert_colors(n)[e], width=1.5)
+                bf.xaxis.axis_label = "step"
+                biases.append(pn.pane.Bokeh(bf, sizing_mode="stretch_width"))
+            if self._history[i]:
+                self._stream_layers(i, self._history[i])
+        self.share_panes.objects = shares
+        self.bias_panes.objects = biases
+
+    def _stream(self, i: int, steps: list[dict]):
+        self._history[i].extend(steps)
+        xs = [s["step"] for s in steps]
+        self.loss_src[i].stream({"step": xs, "loss": [s["loss"] for s in steps]})
+        ev = [(s["step"], s["eval_loss"]) for s in steps if s["eval_loss"] is not None]
+        if ev:
+            self.eval_src[i].stream({"step": [x for x, _ in ev], "eval": [y for _, y in ev]})
+        self.busy_src[i].stream({"step": xs, "busiest": [max(max(layer) for layer in s["top1_share"])
+                                                         for s in steps]})
+        self._stream_layers(i, steps)
+
+    def _stream_layers(self, i: int, steps: list[dict]):
+        layer = self.layer.value
+        n = len(steps[0]["top1_share"][layer])
+        data = {"step": [s["step"] for s in steps]}
+        shares = np.array([s["top1_share"][layer] for s in steps])
+        data.update({f"e{e}": shares[:, e] for e in range(n)})
+        self.share_src[i].stream(data)
+        if steps[0]["bias"] is not None:
+            bias = np.array([s["bias"][layer] for s in steps])
+            self.bias_src[i].stream({"step": data["step"], **{f"e{e}": bias[:, e] for e in range(n)}})
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _loaded(self):
+        from moe_core.checkpoint import LoadedModel
+
+        run = self.job.runs[0]
+        steps = run.steps
+        card = {"steps": len(steps), "eval_loss": steps[-1]["eval_loss"] if steps else None,
+                "trained_in": "the training lab (this session)"}
+        recipe = {"preset": "lab", "balancing": run.recipe.balancing, "lab_recipe": run.recipe.__dict__}
+        for p in run.model.parameters():
+            p.requires_grad_(False)
+        return LoadedModel("lab-model", run.model, run.model.config, recipe, card)
+
+    def use_model(self):
+        if self.job is None or self.job.state != "done" or self.router_state is None:
+            return
+        self.router_state.use_lab_model(self._loaded())
+        self._notify("success", "The lab model is loaded in the Router tab (variant: trained in the lab).")
+
+    def _download(self):
+        import tempfile
+
+        from moe_core.checkpoint import save
+
+        if self.job is None or self.job.state != "done":
+            return io.BytesIO(b"")
+        lm = self._loaded()
+        buf = io.BytesIO()
+        with tempfile.TemporaryDirectory() as d:
+            save(lm.model, Path(d) / "lab-model", name="lab-model", recipe=lm.recipe, card=lm.card)
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(Path(d).iterdir()):
+                    z.write(f, f.name)
+        buf.seek(0)
+        return buf
+
+    # -- layout ---------------------------------------------------------------------------------
+
+    def controls(self):
+        return pn.Column(
+            self.preset, self.n, self.k, self.scheme, self.balancing, self.aux, self.gamma, self.capacity,
+            self.steps, self.seed, self.compare,
+            pn.Row(self.train_btn, self.pause_btn), pn.Row(self.step_btn, self.reset_btn),
+            width=300,
+        )
+
+    def __panel__(self):
+        explainer = (Path(__file__).resolve().parent.parent / "assets" / "explainers" / "lab.md")
+        text = explainer.read_text(encoding="utf-8") if explainer.is_file() else ""
+        return pn.Row(
+            self.controls(),
+            pn.Column(
+                self.progress, self.status,
+                pn.Row(self.loss_pane, self.busy_pane, sizing_mode="stretch_width"),
+                self.layer, self.share_panes, self.bias_panes,
+                pn.Row(self.use_btn, self.download),
+                pn.pane.Markdown(text, sizing_mode="stretch_width", stylesheets=self._css),
+                sizing_mode="stretch_width",
+            ),
+            sizing_mode="stretch_width",
+        )
+
+
+__all__ = ["TrainingLab"]
