@@ -54,6 +54,10 @@ class HeatmapView:
                                                            ("probability", "@p{0.000}")]))
             f.add_tools(TapTool(renderers=[r]))
             f.yaxis.axis_label = "expert"
+            # tickers are made once and updated in place: assigning a NEW model to a live
+            # document makes Bokeh re-walk every model and data list (seconds with 512 tokens)
+            f.xaxis.ticker = FixedTicker(ticks=[])
+            f.yaxis.ticker = FixedTicker(ticks=[])
             f.xgrid.visible = f.ygrid.visible = False
             f.xaxis.major_label_orientation = 1.2
             f.min_border_left = 50
@@ -94,8 +98,8 @@ class HeatmapView:
             dt, de = np.nonzero(r.dropped.numpy())
             self.drops[li].data = {"t": dt, "e": de, "p": probs[dt, de], "text": [texts[t] for t in dt]}
             f.y_range.update(start=-0.5, end=N - 0.5)
-            f.yaxis.ticker = FixedTicker(ticks=list(range(N)) if N <= 16 else list(range(0, N, 4)))
-            f.xaxis.ticker = FixedTicker(ticks=list(range(T)))
+            f.yaxis.ticker.ticks = list(range(N)) if N <= 16 else list(range(0, N, 4))
+            f.xaxis.ticker.ticks = list(range(T))
             f.xaxis.major_label_overrides = labels
             f.height = 150 + 6 * N if len(layers) == 1 else 110 + 3 * N
         self.select(selected)
@@ -118,7 +122,8 @@ class FlowView:
         self.experts = ColumnDataSource({k: [] for k in ("x", "y", "label", "color", "load")}, name="flow_experts")
         self.links = ColumnDataSource({k: [] for k in ("x0", "y0", "x1", "y1", "w", "color", "alpha", "dash", "t", "e",
                                                        "text", "kind")}, name="flow_links")
-        f = figure(height=520, sizing_mode="stretch_width", x_range=Range1d(-0.75, 1.3), tools="save",
+        f = figure(height=520, sizing_mode="stretch_width", x_range=Range1d(-0.75, 1.3), y_range=Range1d(-1, 1),
+                   tools="save",
                    toolbar_location="right", name="flow_fig", title="Flow")
         kept = f.segment("x0", "y0", "x1", "y1", source=self.links, line_width="w", line_color="color",
                          line_alpha="alpha", line_dash="dash")
@@ -175,7 +180,7 @@ class FlowView:
         self.links.data = links
         self.experts.data = {"x": [1.0] * N, "y": ey, "label": [str(e) for e in range(N)], "color": colors,
                              "load": load.tolist()}
-        self.fig.y_range = Range1d(-1, span)
+        self.fig.y_range.update(start=-1, end=span)
         self.fig.title.text = f"Layer {layer}: tokens {lo}\u2013{hi - 1} \u2192 experts"
 
 
@@ -199,6 +204,7 @@ class LoadView:
             f.add_layout(fair)
             f.add_tools(HoverTool(tooltips=[("expert", "@e"), ("tokens", "@load"), ("share", "@share{0.0%}")]))
             f.xaxis.axis_label = "expert"
+            f.xaxis.ticker = FixedTicker(ticks=[])
             f.y_range.start = 0
             f.xgrid.visible = False
             self.figs.append(f)
@@ -224,6 +230,6 @@ class LoadView:
             if r.capacity is not None:
                 self.caps[li].location = r.capacity
             f.y_range.end = max(float(load.max()), float(r.capacity or 0), total / N) * 1.15 + 1
-            f.xaxis.ticker = FixedTicker(ticks=list(range(N)) if N <= 16 else list(range(0, N, 4)))
+            f.xaxis.ticker.ticks = list(range(N)) if N <= 16 else list(range(0, N, 4))
             cap = f", capacity {r.capacity}" if r.capacity is not None else ""
             f.title.text = f"Layer {li}: tokens per expert{cap}"
