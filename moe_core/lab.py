@@ -112,8 +112,11 @@ PRESETS: dict[str, Recipe] = {
 
 def status(top1_share_by_layer: list[list[float]]) -> tuple[str, str]:
     """Balanced / Uneven / Collapsed from the busiest expert's share of first choices, with the reason."""
-    busiest = max(max(layer) for layer in top1_share_by_layer)
-    n = len(top1_share_by_layer[0])
+    return verdict(max(max(layer) for layer in top1_share_by_layer), len(top1_share_by_layer[0]))
+
+
+def verdict(busiest: float, n: int) -> tuple[str, str]:
+    """The status word for a busiest-expert share of first choices among n experts."""
     if busiest >= COLLAPSED_SHARE:
         return "Collapsed", f"one expert takes {busiest:.0%} of first choices (\u2265 {COLLAPSED_SHARE:.0%})"
     if busiest > UNEVEN_FACTOR / n:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from moe_core.lab import PRESETS, Recipe, status  # noqa: E402
+from moe_core.lab import PRESETS, Recipe, verdict  # noqa: E402
 from moe_core.train import Trainer, load_token_data  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def measure(name: str, recipe: Recipe, seconds: float) -> dict:
     tail = history[-20:]
     busiest = sum(max(max(layer) for layer in s.top1_share) for s in tail) / len(tail)
     return {"recipe": name, "steps": len(history), "seconds": round(time.perf_counter() - t0, 1),
-            "busiest_top1_share": round(busiest, 3), "status": status(tail[-1].top1_share)[0],
+            "busiest_top1_share": round(busiest, 3), "status": verdict(busiest, recipe.n_experts)[0],
             "train_loss": round(sum(s.ce_loss for s in tail) / len(tail), 3),
             "tokens_per_s": round(tail[-1].tokens_per_s)}
 
