@@ -48,6 +48,8 @@ class TrainingLab(pn.viewable.Viewer):
         self.loss_src = [ColumnDataSource({"step": [], "loss": []}, name=f"lab_loss_{i}") for i in range(2)]
         self.eval_src = [ColumnDataSource({"step": [], "eval": []}, name=f"lab_eval_{i}") for i in range(2)]
         self.busy_src = [ColumnDataSource({"step": [], "busiest": []}, name=f"lab_busiest_{i}") for i in range(2)]
+        self.bal_src = [ColumnDataSource({"step": [], "max_over_mean": [], "load_balance": [], "dead": []},
+                                         name=f"lab_balance_{i}") for i in range(2)]
         self.share_src = [ColumnDataSource({"step": []}, name=f"lab_share_{i}") for i in range(2)]
         self.bias_src = [ColumnDataSource({"step": []}, name=f"lab_bias_{i}") for i in range(2)]
         self._build_plots(Recipe(), None)
@@ -208,9 +210,11 @@ class TrainingLab(pn.viewable.Viewer):
         verdicts, words = [], []
         for i, run in enumerate(self.job.runs):
             if run.steps:
-                word, why = status(run.steps[-1]["top1_share"])
+                last_i = run.steps[-1]
+                word, why = status(last_i["top1_share"])
                 words.append(word)
-                verdicts.append(f"{'AB'[i]}: <b>{word}</b> ({html.escape(why)}) \u2014 "
+                dead = f"; {last_i['dead_experts']} dead expert(s)" if last_i["dead_experts"] else ""
+                verdicts.append(f"{'AB'[i]}: <b>{word}</b> ({html.escape(why)}{dead}) \u2014 "
                                 f"{html.escape(run.recipe.label())}")
         self._set_status("collapsed" if "Collapsed" in words else st, " \u00b7 ".join(parts), verdicts)
 
@@ -231,6 +235,7 @@ class TrainingLab(pn.viewable.Viewer):
             self.loss_src[i].data = {"step": [], "loss": []}
             self.eval_src[i].data = {"step": [], "eval": []}
             self.busy_src[i].data = {"step": [], "busiest": []}
+            self.bal_src[i].data = {"step": [], "max_over_mean": [], "load_balance": [], "dead": []}
         f = figure(height=260, sizing_mode="stretch_width", title="Loss (nats): training, and held-out dots",
                    tools="save", toolbar_location=None)
         g = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1.02),
@@ -244,21 +249,31 @@ class TrainingLab(pn.viewable.Viewer):
             lg = g.line("step", "busiest", source=self.busy_src[i], color=RUN_COLORS[i], line_dash=RUN_DASH[i],
                         width=2)
             items_g.append((lab, [lg]))
+        h = figure(height=260, sizing_mode="stretch_width", tools="save", toolbar_location=None,
+                   title="Balance per step: max/mean load (solid), load-balance loss (dots); 1.0 = even")
+        items_h = []
+        for i, r in enumerate(runs):
+            lh = h.line("step", "max_over_mean", source=self.bal_src[i], color=RUN_COLORS[i], line_dash=RUN_DASH[i],
+                        width=2)
+            h.scatter("step", "load_balance", source=self.bal_src[i], color=RUN_COLORS[i], size=3, alpha=0.6)
+            items_h.append((f"{'AB'[i]}", [lh]))
+        h.add_tools(HoverTool(tooltips=[("step", "@step"), ("max/mean load", "@max_over_mean{0.00}"),
+                                        ("load-balance loss", "@load_balance{0.000}"), ("dead experts", "@dead")]))
         g.add_layout(Span(location=COLLAPSED_SHARE, dimension="width", line_color="#B35806", line_dash="dotted",
                           line_width=2))
         g.add_layout(Span(location=1 / a.n_experts, dimension="width", line_color="#333", line_dash="dotted"))
-        for fig, items in ((f, items_f), (g, items_g)):
+        for fig, items in ((f, items_f), (g, items_g), (h, items_h)):
             fig.add_layout(Legend(items=items, label_text_font_size="11px", orientation="vertical"), "below")
             fig.xaxis.axis_label = "step"
             fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("value", "$y{0.000}")]))
-        self.loss_fig, self.busy_fig = f, g
         if not hasattr(self, "loss_pane"):
             self.loss_pane = pn.pane.Bokeh(f, sizing_mode="stretch_width")
             self.busy_pane = pn.pane.Bokeh(g, sizing_mode="stretch_width")
+            self.bal_pane = pn.pane.Bokeh(h, sizing_mode="stretch_width")
             self.share_panes = pn.Row(sizing_mode="stretch_width")
             self.bias_panes = pn.Row(sizing_mode="stretch_width")
         else:
-            self.loss_pane.object, self.busy_pane.object = f, g
+            self.loss_pane.object, self.busy_pane.object, self.bal_pane.object = f, g, h
         self._history = [[] for _ in runs]       # kept for redrawing the share plots per layer
         self._rebuild_share_plots()
 
@@ -300,6 +315,9 @@ class TrainingLab(pn.viewable.Viewer):
             self.eval_src[i].stream({"step": [x for x, _ in ev], "eval": [y for _, y in ev]})
         self.busy_src[i].stream({"step": xs, "busiest": [max(max(layer) for layer in s["top1_share"])
                                                          for s in steps]})
+        self.bal_src[i].stream({"step": xs, "max_over_mean": [s["max_over_mean"] for s in steps],
+                                "load_balance": [s["load_balance"] for s in steps],
+                                "dead": [s["dead_experts"] for s in steps]})
         self._stream_layers(i, steps)
 
     def _stream_layers(self, i: int, steps: list[dict]):
@@ -368,6 +386,7 @@ class TrainingLab(pn.viewable.Viewer):
             pn.Column(
                 self.progress, self.status,
                 pn.Row(self.loss_pane, self.busy_pane, sizing_mode="stretch_width"),
+                self.bal_pane,
                 self.layer, self.share_panes, self.bias_panes,
                 pn.Row(self.use_btn, self.download),
                 pn.pane.Markdown(text, sizing_mode="stretch_width", stylesheets=self._css),

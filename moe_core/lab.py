@@ -250,8 +250,12 @@ class Job:
 
 
 def _record(info: StepInfo) -> dict:
+    """One step as plain data: losses, balance figures (worst layer) and per-layer shares."""
+    max_over_mean = max(max(layer) / (sum(layer) / len(layer)) if sum(layer) else 0.0 for layer in info.load)
+    dead = max(sum(1 for v in layer if v == 0) for layer in info.load)
     return {"step": info.step, "loss": info.ce_loss, "total_loss": info.loss, "eval_loss": info.eval_loss,
-            "aux": info.aux, "tokens_per_s": info.tokens_per_s, "elapsed_s": info.elapsed_s,
+            "aux": info.aux, "load_balance": info.aux.get("load_balance"), "max_over_mean": max_over_mean,
+            "dead_experts": dead, "tokens_per_s": info.tokens_per_s, "elapsed_s": info.elapsed_s,
             "top1_share": info.top1_share, "load": info.load, "bias": info.bias}
 
 

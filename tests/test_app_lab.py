@@ -25,6 +25,9 @@ def test_lab_job_to_plots_to_download_to_router(tmp_path):
     assert lab.job.state == "done"
     assert list(lab.loss_src[0].data["step"]) == list(range(1, 21))
     assert len(lab.share_src[0].data["e0"]) == 20 and not lab.use_btn.disabled
+    bal = lab.bal_src[0].data
+    assert len(bal["max_over_mean"]) == 20 and min(bal["max_over_mean"]) >= 1.0     # max >= mean, always
+    assert all(0 < lb <= 8 for lb in bal["load_balance"])                            # N sum f P is in (0, N]
 
     blob = lab._download().getvalue()
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
