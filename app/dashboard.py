@@ -40,8 +40,7 @@ def _md(*args, **kw):
 def _card(*objs, title: str, width: int | None = None):
     """A fixed (non-collapsible) card that keeps its content's height inside a scrolling column."""
     size = {"width": width} if width else {"sizing_mode": "stretch_width"}
-    return pn.Card(*objs, title=title, collapsible=False, margin=(6, 6),
-                   **size)
+    return pn.Card(*objs, title=title, collapsible=False, margin=(6, 6), **size)
 
 
 def notify(kind: str, message: str) -> None:
