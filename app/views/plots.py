@@ -71,6 +71,9 @@ class HeatmapView:
         self.legend = figure(height=60, width=300, toolbar_location=None, min_border=0, outline_line_color=None,
                              name="heat_legend")
         self.legend.add_layout(bar, "below")
+        # a figure that only holds a colour bar: one invisible glyph keeps Bokeh's
+        # "plot has no renderers" warning out of the server log for every session
+        self.legend.scatter([0], [0], alpha=0)
         self.legend.axis.visible = self.legend.grid.visible = False
         self.legend.title.text = "Outlined: expert used. \u00d7: chosen but dropped (capacity)."
 
