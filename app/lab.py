@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import io
-import time
 import zipfile
 from pathlib import Path
 
@@ -131,7 +130,6 @@ class TrainingLab(pn.viewable.Viewer):
         self.cancel()
         self.job = manager().submit(recipes)
         self._since = [0] * len(recipes)
-        self._started = time.perf_counter()
         self._build_plots(recipes[0], recipes[1] if len(recipes) > 1 else None)
         for b in (self.pause_btn, self.step_btn, self.reset_btn):
             b.disabled = False
@@ -206,7 +204,7 @@ class TrainingLab(pn.viewable.Viewer):
         parts = [f"{st}: step {done}/{total}"]
         if last:
             eta = (total - done) / max(done, 1) * last["elapsed_s"] * len(self.job.runs)
-            parts.append(f"{last['tokens_per_s'] * 1:,.0f} tokens/s, ETA {eta:.0f} s")
+            parts.append(f"{last['tokens_per_s']:,.0f} tokens/s, ETA {eta:.0f} s")
         verdicts, words = [], []
         for i, run in enumerate(self.job.runs):
             if run.steps:

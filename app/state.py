@@ -53,13 +53,6 @@ def preload_models() -> None:
         load(m["name"])
 
 
-def model_for(n_experts: int, variant: str) -> dict:
-    for m in catalog():
-        if m["n_experts"] == n_experts and m["variant"] == variant:
-            return m
-    raise ValueError(f"no shipped model with N = {n_experts} and variant {variant!r}")
-
-
 class RouterState(param.Parameterized):
     """What the student has chosen, and the routing result for it."""
 
@@ -233,4 +226,4 @@ class RouterState(param.Parameterized):
         return list(range(n)) if self.layer == "all" else [int(self.layer)]
 
 
-__all__ = ["RouterState", "examples", "catalog", "model_for", "preload_models", "MAX_TEXT_CHARS"]
+__all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS"]

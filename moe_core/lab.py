@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -152,7 +151,6 @@ class Job:
         self._step_budget: int | None = None    # steps left while stepping by hand
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
-        self.started_at: float | None = None
 
     # -- controls (any thread) -----------------------------------------------------
 
@@ -228,7 +226,6 @@ class Job:
             with self._lock:
                 if self.state == "queued":
                     self.state = "running" if self._resume.is_set() else "paused"
-            self.started_at = time.perf_counter()
             # lockstep: every run steps once per round, so compared curves advance together
             while not all(t.done for t in trainers) and self._gate():
                 for run, trainer in zip(self.runs, trainers):

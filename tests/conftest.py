@@ -45,6 +45,20 @@ def context(context):
     yield context
 
 
+def wait_until_served(url: str, timeout_s: float = 60.0) -> bool:
+    """Poll GET url until it answers 200 (the server is up) or timeout_s passes."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=60).ok:
+                return True
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    return False
+
+
 class _Drain(threading.Thread):
     """Read the server's output so a full pipe never blocks it."""
 
@@ -59,8 +73,6 @@ class _Drain(threading.Thread):
 
 @pytest.fixture(scope="session")
 def app_url():
-    import requests
-
     cmd = [sys.executable, "-m", "panel", "serve", "app/main.py", "--address", "127.0.0.1", "--port", "0",
            "--allow-websocket-origin", "*", "--liveness", "--num-procs", "1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BOKEH_", "PANEL_"))}
@@ -80,12 +92,7 @@ def app_url():
             time.sleep(0.05)
         if base is None:
             raise RuntimeError("panel serve did not start:\n" + "".join(log.lines))
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{base}/liveness", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.05)
+        wait_until_served(f"{base}/liveness", max(1.0, deadline - time.monotonic()))
         yield f"{base}/main"
     finally:
         os.killpg(proc.pid, signal.SIGTERM)          # the whole group: never leave a server behind

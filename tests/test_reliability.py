@@ -116,9 +116,8 @@ def test_closing_a_session_cancels_its_training_job():
     import socket
 
     import panel as pn
-    import requests
-
     from app.dashboard import Dashboard
+    from tests.conftest import wait_until_served
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -135,13 +134,7 @@ def test_closing_a_session_cancels_its_training_job():
     pn.serve({"main": app}, port=port, address="127.0.0.1", threaded=True, show=False,
                       check_unused_sessions_milliseconds=200, unused_session_lifetime_milliseconds=500)
     try:
-        def page_served():
-            try:
-                return requests.get(f"http://127.0.0.1:{port}/main", timeout=60).ok
-            except requests.ConnectionError:
-                return False
-
-        wait_until(page_served, 30)
+        assert wait_until_served(f"http://127.0.0.1:{port}/main", 30)
         # that GET made a session no browser ever connects to: the server destroys it as unused
         wait_until(lambda: jobs, 30)
         wait_until(lambda: all(j.state == "cancelled" for j in jobs), 30)

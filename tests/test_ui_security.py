@@ -4,6 +4,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect
 
+from tests.conftest import wait_until_served
 from tests.test_ui import JOINED_TOKENS, open_app, set_text, slider_handle, token_texts
 
 pytestmark = pytest.mark.ui
@@ -95,7 +96,6 @@ def test_websocket_from_a_foreign_origin_is_refused_by_the_cli_server():
     import socket
     import subprocess
     import sys
-    import time
 
     from tornado.httpclient import HTTPClientError, HTTPRequest
     from tornado.websocket import websocket_connect
@@ -116,13 +116,7 @@ def test_websocket_from_a_foreign_origin_is_refused_by_the_cli_server():
         return 101
 
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/main", timeout=60).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+        assert wait_until_served(f"http://127.0.0.1:{port}/main", 90)
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(1) as pool:   # its own event loop (Playwright's runs in this thread)
