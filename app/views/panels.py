@@ -124,7 +124,8 @@ def counters(result, config) -> str:
     dense = (f"<p class='dense'>A dense model with the same compute per token would have "
              f"<b>{p.active_per_token:,}</b> parameters. A dense model as large in memory as this MoE "
              f"(<b>{p.total:,}</b>) would spend <b>{dense_compute:.2f}\u00d7</b> the compute on every token. "
-             f"Raise k and the active count grows; raise N and only the total grows.</p>")
+             f"Raise k and the active count grows; raise N and the total grows while the active count "
+             f"moves only by the router's few extra weights.</p>")
     return (f"<div class='stats'>{html_cards}</div>{dense}<table class='mini parts'><thead><tr><th>part</th>"
             f"<th>total</th><th>active / token</th></tr></thead><tbody>{''.join(parts)}</tbody></table>"
             f"<p class='muted'>Counted from the loaded PyTorch module (moe_core.params). The input embedding "
