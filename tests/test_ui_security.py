@@ -5,7 +5,7 @@ import requests
 from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import wait_until_served
-from tests.test_ui import JOINED_TOKENS, open_app, set_text, slider_handle, token_texts
+from tests.test_ui import JOINED_TOKENS, open_app, press_slider, set_text, token_texts
 
 pytestmark = pytest.mark.ui
 
@@ -60,9 +60,7 @@ def test_two_sessions_never_see_each_others_text_or_settings(browser: Browser, a
         open_app(b, app_url)
         set_text(a, "alpha session text 111")
         set_text(b, "bravo session text 222")
-        handle = slider_handle(b, "k (experts")
-        handle.focus()
-        handle.press("ArrowRight")                    # B moves to k = 3
+        press_slider(b, "k (experts", "ArrowRight", "3")   # B moves to k = 3
         b.wait_for_function("() => Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length === "
                             f"3 * {len(token_texts(b))}")
         a.wait_for_timeout(500)
