@@ -8,24 +8,32 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import panel as pn
 import param
 
 from moe_core.checkpoint import ASSETS
+from moe_core.explain import router_walkthrough
 from moe_core.routing import SCHEMES
 
+from .lessons import LessonState, fill, lesson_numbers, lessons
+from .share import MAX_TEXT_IN_URL, apply_to_state, parse_query, share_url, state_query
 from .state import RouterState, examples
 from .views.panels import (
     balance_table, counter_strip, counters, explainer_markdown, published_table, right_now, token_detail,
 )
 from .views.plots import FlowView, HeatmapView, LoadView
 from .views.published_chart import published_chart
+from .views.pagecontrol import PageControl
 from .views.tokens import TokenText, token_view_data
+from .views.walkthrough import routing_table_html, walkthrough_html
 
 TEXT_DEBOUNCE_S = 0.35
 CSS = (Path(ASSETS) / "app.css").read_text(encoding="utf-8")
+# the view a lesson step points at: a thick amber frame (3.0:1 against white, WCAG 1.4.11 for UI parts)
+FOCUS_CSS = ":host(.lesson-focus) { outline: 4px solid #B35806; outline-offset: 2px; border-radius: 6px; }"
 
 
 def _html(*args, **kw):
@@ -37,10 +45,14 @@ def _md(*args, **kw):
     return pn.pane.Markdown(*args, stylesheets=[CSS], **kw)
 
 
-def _card(*objs, title: str, width: int | None = None):
-    """A fixed (non-collapsible) card that keeps its content's height inside a scrolling column."""
+def _card(*objs, title: str, width: int | None = None, name: str = "", **kw):
+    """A card that keeps its content's height inside a scrolling column (fixed unless collapsible=True).
+
+    `name` becomes a CSS class `view-NAME`, so lessons can highlight and scroll to it."""
     size = {"width": width} if width else {"sizing_mode": "stretch_width"}
-    return pn.Card(*objs, title=title, collapsible=False, margin=(6, 6), **size)
+    kw.setdefault("collapsible", False)
+    classes = [f"view-{name}"] if name else []
+    return pn.Card(*objs, title=title, margin=(6, 6), css_classes=classes, stylesheets=[FOCUS_CSS], **size, **kw)
 
 
 def notify(kind: str, message: str) -> None:
@@ -56,6 +68,13 @@ class Dashboard(pn.viewable.Viewer):
         params.setdefault("state", RouterState())
         super().__init__(**params)
         s = self.state
+        # a share link's settings apply before anything is routed or drawn (validated in app/share.py)
+        settings, self.page, url_messages = parse_query(pn.state.session_args)
+        url_messages += apply_to_state(s, settings)
+        self.lessons = LessonState(s)
+        self._cards: dict[str, pn.Card] = {}
+        self._hold_routing = self._route_pending = False
+        self._walk_cache = None
         s.param.watch(self._route, ["text", "n_experts", "variant", "top_k", "scheme", "capacity_factor"])
         s.param.watch(self._redraw, ["result", "layer"])
         s.param.watch(self._on_select, ["selected_token"])
@@ -65,13 +84,16 @@ class Dashboard(pn.viewable.Viewer):
         self._build_views()
         s.route()
         self._redraw()
+        if url_messages:
+            pn.state.onload(lambda: [notify("warning", m) for m in url_messages])
 
     # -- widgets -----------------------------------------------------------------
 
     def _build_widgets(self):
         s = self.state
         ex = examples()
-        self.preset = pn.widgets.Select(name="Example text", options=["(your text)", *ex], value="(your text)",
+        shown = {v: k for k, v in ex.items()}.get(s.text, "(your text)")
+        self.preset = pn.widgets.Select(name="Example text", options=["(your text)", *ex], value=shown,
                                         sizing_mode="stretch_width")
         self.text = pn.widgets.TextAreaInput(name="Text to route", value=s.text, height=130, max_length=200_000,
                                              sizing_mode="stretch_width", css_classes=["text-input"])
@@ -102,7 +124,28 @@ class Dashboard(pn.viewable.Viewer):
         self.layer.param.watch(lambda e: setattr(s, "layer", e.new), "value")
         self.numbers.param.watch(lambda e: self._redraw_tokens(), "value")
         s.param.watch(self._sync_widgets, ["n_experts", "variant", "top_k", "scheme", "capacity_factor", "layer"])
+        s.param.watch(self._sync_text, ["text"])
         self._typing_token = None
+
+        # classroom: lessons, presenter mode, share links, accessible table
+        self.lesson_pick = pn.widgets.Select(name="Guided lesson",
+                                             options={"(choose a lesson)": "", **{l.title: k for k, l in lessons().items()}},
+                                             value="", sizing_mode="stretch_width")
+        self.presenter = pn.widgets.Toggle(name="Presenter mode (large type)", value=bool(self.page.get("presenter")),
+                                           button_type="default", sizing_mode="stretch_width")
+        self.share_btn = pn.widgets.Button(name="Make a link to this view", button_type="default",
+                                           sizing_mode="stretch_width")
+        self.share_hide = pn.widgets.Checkbox(name="Lesson link: hide the controls", value=False)
+        self.share_url = pn.widgets.TextInput(name="Link (copy it)", value="", visible=False,
+                                              sizing_mode="stretch_width", css_classes=["share-url"])
+        self.as_table = pn.widgets.Checkbox(name="Show the heatmap as a table too", value=False)
+        self.page_control = PageControl(presenter=self.presenter.value)
+        self.lesson_pick.param.watch(self._on_lesson_pick, "value")
+        self.presenter.param.watch(lambda e: setattr(self.page_control, "presenter", e.new), "value")
+        self.share_btn.on_click(self._make_link)
+        self.as_table.param.watch(lambda e: self._redraw_table(), "value")
+        self.page_control.param.watch(lambda e: self._lesson_move(+1), "next_presses")
+        self.page_control.param.watch(lambda e: self._lesson_move(-1), "prev_presses")
 
     def _layer_options(self) -> dict:
         return {"all": "all", **{f"layer {i}": i for i in self.state.param.layer.objects if i != "all"}}
@@ -121,6 +164,14 @@ class Dashboard(pn.viewable.Viewer):
         self.scheme.value = s.scheme
         self.layer.options = self._layer_options()
         self.layer.value = s.layer
+
+    def _sync_text(self, event):
+        """Text set by a lesson or a link shows in the text box (typing sets it the other way round)."""
+        if self.text.value_input != event.new and self.text.value != event.new:
+            self.text.value = event.new
+        name = {v: k for k, v in examples().items()}.get(event.new, "(your text)")
+        if self.preset.value != name:
+            self.preset.value = name
 
     def _on_preset(self, event):
         if event.new in examples():
@@ -164,6 +215,24 @@ class Dashboard(pn.viewable.Viewer):
         self.loss = _html(css_classes=["loss-readout"])
         self.explainer = _md(sizing_mode="stretch_width", css_classes=["explainer"])
         self.status = _html(css_classes=["status-line"], sizing_mode="stretch_width")
+        self.walk = _html(sizing_mode="stretch_width", css_classes=["walkthrough"])
+        self.walk_card = _card(self.walk, title="Inside the router: the selected token, step by step", name="walkthrough",
+                               collapsible=True, collapsed=True)
+        self.walk_card.param.watch(lambda e: self._redraw_walk(), "collapsed")
+        self.table_view = _html(sizing_mode="stretch_width", visible=False)
+        self.lesson_head = _html(sizing_mode="stretch_width", css_classes=["lesson-head"])
+        self.lesson_body = _md(sizing_mode="stretch_width", css_classes=["lesson-body"])
+        self.lesson_prev = pn.widgets.Button(name="\u25c0 Back", width=100)
+        self.lesson_next = pn.widgets.Button(name="Next \u25b6", button_type="primary", width=100)
+        self.lesson_exit = pn.widgets.Button(name="Close lesson", width=120)
+        self.lesson_prev.on_click(lambda e: self._lesson_move(-1))
+        self.lesson_next.on_click(lambda e: self._lesson_move(+1) if not self._lesson_at_end() else self._stop_lesson())
+        self.lesson_exit.on_click(lambda e: self._stop_lesson())
+        self.lesson_bar = pn.Column(
+            self.lesson_head, self.lesson_body,
+            pn.Row(self.lesson_prev, self.lesson_next, self.lesson_exit,
+                   _html("<span class='muted'>Keys: \u2192 or Space next, \u2190 back</span>", align="center")),
+            visible=False, css_classes=["lesson-bar"], sizing_mode="stretch_width", name="lesson_bar")
 
     def _make_tap_handler(self, src):
         def handler(attr, old, new):
@@ -180,6 +249,27 @@ class Dashboard(pn.viewable.Viewer):
             self.detail.object = token_detail(s.result, s.layers_shown(), s.selected_token)
             self.heatmap.select(s.selected_token)
             self.flow.update(s.result, self._flow_layer(), s.selected_token)
+            self._redraw_walk()
+            self._refresh_lesson_text()
+
+    def _redraw_walk(self):
+        """The step-by-step walkthrough costs one more forward pass: only while its card is open."""
+        s = self.state
+        if self.walk_card.collapsed or s.result is None:
+            return
+        t = min(s.selected_token, len(s.result.tokens) - 1)
+        try:
+            d = self._walkthrough(s.model, s.text, t, self._flow_layer(), **s.request())
+        except ValueError as e:
+            self.walk.object = f"<div class='muted'>{html.escape(str(e))}</div>"
+            return
+        self.walk.object = walkthrough_html(d)
+
+    def _redraw_table(self):
+        s = self.state
+        self.table_view.visible = self.as_table.value
+        if self.as_table.value:
+            self.table_view.object = routing_table_html(s.result, s.layers_shown())
 
     def _flow_layer(self) -> int:
         return 0 if self.state.layer == "all" else int(self.state.layer)
@@ -193,7 +283,31 @@ class Dashboard(pn.viewable.Viewer):
             notify("warning", event.new)
 
     def _route(self, *events):
+        if self._hold_routing:
+            self._route_pending = True
+            return
         self.state.route()
+
+    @contextmanager
+    def _one_route(self):
+        """Several settings change at once (a lesson step): route once at the end, not per setting."""
+        self._hold_routing, self._route_pending = True, False
+        try:
+            with pn.io.hold():
+                yield
+        finally:
+            self._hold_routing = False
+            if self._route_pending:
+                self._route_pending = False
+                self.state.route()
+
+    def _walkthrough(self, model, text, token, layer, **request):
+        """router_walkthrough, remembered for the last request (the lesson text and the walkthrough
+        card both quote it, and a redraw should not run the model twice)."""
+        key = (id(model), text, token, layer, tuple(sorted(request.items())))
+        if self._walk_cache is None or self._walk_cache[0] != key:
+            self._walk_cache = (key, router_walkthrough(model, text, token, layer, **request))
+        return self._walk_cache[1]
 
     def _redraw_tokens(self):
         s = self.state
@@ -228,6 +342,89 @@ class Dashboard(pn.viewable.Viewer):
             trunc = " (truncated)" if res.truncated else ""
             self.status.object = (f"<span class='muted'>{len(res.tokens):,} tokens{trunc} routed through "
                                   f"{len(res.routings)} layers in {s.route_ms:.0f} ms on the server.</span>")
+            self._redraw_walk()
+            self._redraw_table()
+            self._refresh_lesson_text()
+
+    # -- lessons and share links -----------------------------------------------------
+
+    def _on_lesson_pick(self, event):
+        if event.new == self.lessons.lesson:
+            return
+        if event.new:
+            self._start_lesson(event.new, 0)
+        elif self.lessons.lesson:
+            self._stop_lesson()
+
+    def _start_lesson(self, slug: str, step: int = 0):
+        try:
+            with self._one_route():
+                self.lessons.start(slug, step)
+        except ValueError as e:
+            notify("error", str(e))
+            return
+        if self.lesson_pick.value != slug:
+            self.lesson_pick.value = slug
+        self._show_step()
+
+    def _lesson_at_end(self) -> bool:
+        lesson = self.lessons.current
+        return lesson is None or self.lessons.step >= len(lesson.steps) - 1
+
+    def _lesson_move(self, delta: int):
+        if not self.lessons.lesson:
+            return
+        with self._one_route():
+            step = self.lessons.next() if delta > 0 else self.lessons.prev()
+        if step is not None:
+            self._show_step()
+
+    def _show_step(self):
+        lesson, step = self.lessons.current, self.lessons.current_step
+        if step is None:
+            return
+        if step.tab in self.tab_names:
+            self.tabs.active = self.tab_names.index(step.tab)
+        if step.highlight == "walkthrough":
+            self.walk_card.collapsed = False
+        for name, card in self._cards.items():
+            classes = [c for c in card.css_classes if c != "lesson-focus"]
+            card.css_classes = classes + (["lesson-focus"] if name == step.highlight else [])
+        i, n = self.lessons.step, len(lesson.steps)
+        self.lesson_head.object = (f"<div class='label'>Lesson: {html.escape(lesson.title)} \u00b7 step {i + 1} of {n}"
+                                   f"</div><div class='lesson-title'>{html.escape(step.title)}</div>")
+        self.lesson_prev.disabled = i == 0
+        self.lesson_next.name = "Finish \u2713" if i == n - 1 else "Next \u25b6"
+        self.lesson_bar.visible = True
+        self._refresh_lesson_text()
+        self.page_control.param.update(lesson_active=True, scroll_to=f"view-{step.highlight}" if step.highlight else "",
+                                       scroll_seq=self.page_control.scroll_seq + 1)
+
+    def _refresh_lesson_text(self):
+        step = self.lessons.current_step
+        if step is not None and self.state.result is not None:
+            self.lesson_body.object = fill(step.body, lesson_numbers(self.state, self._walkthrough))
+
+    def _stop_lesson(self):
+        self.lessons.stop()
+        self.lesson_bar.visible = False
+        for card in self._cards.values():
+            card.css_classes = [c for c in card.css_classes if c != "lesson-focus"]
+        self.page_control.lesson_active = False
+        if self.lesson_pick.value:
+            self.lesson_pick.value = ""
+
+    def _make_link(self, event=None):
+        loc = pn.state.location
+        base = loc.href if loc is not None and loc.href else "http://localhost:5006/"
+        tab = self.tab_names[self.tabs.active] if hasattr(self, "tabs") else "router"
+        lesson = self.lessons.lesson or None
+        query = state_query(self.state, tab=tab, hide=["controls"] if self.share_hide.value else [],
+                            lesson=lesson, step=self.lessons.step + 1 if lesson else None,
+                            presenter=self.presenter.value)
+        self.share_url.param.update(value=share_url(base, query), visible=True)
+        if len(self.state.text) > MAX_TEXT_IN_URL:
+            notify("warning", f"The link carries only the first {MAX_TEXT_IN_URL:,} characters of your text.")
 
     # -- layout ------------------------------------------------------------------
 
@@ -238,8 +435,13 @@ class Dashboard(pn.viewable.Viewer):
             _html("<div class='section'>Routing</div>"),
             self.scheme, self.top_k, self.capacity,
             _html("<div class='section'>View</div>"),
-            self.layer, self.numbers,
+            self.layer, self.numbers, self.as_table,
+            _html("<div class='section'>Classroom</div>"),
+            self.lesson_pick, self.presenter, self.share_btn, self.share_hide, self.share_url,
         ]
+
+    def sidebar(self):
+        return pn.Column(*self.controls(), sizing_mode="stretch_width", name="controls")
 
     def input_row(self):
         return pn.Column(
@@ -247,43 +449,66 @@ class Dashboard(pn.viewable.Viewer):
             self.text, self.status, sizing_mode="stretch_width", css_classes=["input-card"],
         )
 
+    def _named(self, name: str, card: pn.Card) -> pn.Card:
+        self._cards[name] = card
+        return card
+
     def router_tab(self):
+        c = self._named
+        self.input = self.input_row()
+        if "text" in self.page.get("hide", []):
+            self.input.visible = False
         return pn.Column(
-            self.input_row(),
+            self.input,
             pn.Row(
-                _card(self.tokens, title="Your tokens, coloured by top-1 expert (underline: 2nd choice)"),
-                _card(self.detail, title="Selected token", width=400),
+                c("tokens", _card(self.tokens, title="Your tokens, coloured by top-1 expert (underline: 2nd choice)",
+                                  name="tokens")),
+                c("detail", _card(self.detail, title="Selected token", width=400, name="detail")),
                 sizing_mode="stretch_width",
             ),
-            _card(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.heatmap.figs],
-                  pn.pane.Bokeh(self.heatmap.legend),
-                  title="Heatmap: router probability, tokens \u00d7 experts (drag sideways to pan)"),
+            c("walkthrough", self.walk_card),
+            c("heatmap", _card(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.heatmap.figs],
+                               pn.pane.Bokeh(self.heatmap.legend), self.table_view,
+                               title="Heatmap: router probability, tokens \u00d7 experts (drag sideways to pan)",
+                               name="heatmap")),
             pn.Row(
-                _card(pn.pane.Bokeh(self.flow.fig, sizing_mode="stretch_width"),
-                      _html("<div class='muted'>Tokens around the selected one, left; experts, right. Line width "
-                            "= combine weight; a dashed grey line = chosen but dropped (expert full).</div>"),
-                      title="Flow: which experts each token goes to"),
+                c("flow", _card(pn.pane.Bokeh(self.flow.fig, sizing_mode="stretch_width"),
+                                _html("<div class='muted'>Tokens around the selected one, left; experts, right. Line "
+                                      "width = combine weight; a dashed grey line = chosen but dropped (expert full)."
+                                      "</div>"),
+                                title="Flow: which experts each token goes to", name="flow")),
                 _card(self.loss, self.right_now, title="Quality and what to notice", width=400),
                 sizing_mode="stretch_width",
             ),
-            _card(pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.load.figs], ncols=2,
-                             sizing_mode="stretch_width"),
-                  _html("<div class='muted'>Dotted line: the fair share (tokens \u00d7 experts per token / N). "
-                        "Dashed orange line: expert capacity, for schemes that have one.</div>"),
-                  self.balance,
-                  title="Load: tokens per expert, and how balanced it is"),
+            c("load", _card(pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.load.figs],
+                                       ncols=2, sizing_mode="stretch_width"),
+                            _html("<div class='muted'>Dotted line: the fair share (tokens \u00d7 experts per token / "
+                                  "N). Dashed orange line: expert capacity, for schemes that have one.</div>"),
+                            self.balance,
+                            title="Load: tokens per expert, and how balanced it is", name="load")),
             _card(self.explainer, title="About this routing scheme"),
             sizing_mode="stretch_width",
         )
 
     def params_tab(self):
+        c = self._named
         return pn.Column(
-            _card(self.counters, title="Total vs active parameters of the loaded model"),
-            _card(_html(published_table(), sizing_mode="stretch_width"),
-                  pn.pane.Bokeh(published_chart(), sizing_mode="stretch_width"),
-                  title="Published MoE models: total vs active"),
+            c("counters", _card(self.counters, title="Total vs active parameters of the loaded model",
+                                name="counters")),
+            c("published", _card(_html(published_table(), sizing_mode="stretch_width"),
+                                 pn.pane.Bokeh(published_chart(), sizing_mode="stretch_width"),
+                                 title="Published MoE models: total vs active", name="published")),
             sizing_mode="stretch_width",
         )
+
+    def compare_tab(self):
+        from .views.compare import CompareView
+
+        self.compare = CompareView(state=self.state, css=CSS, notify=notify)
+        return self._named("compare", _card(
+            _html("<div class='muted'>A is the Router tab's configuration; B is set here. Both route your text "
+                  "through real models; change one thing at a time to see what it does.</div>"),
+            self.compare, title="Compare two routing configurations on the same text", name="compare"))
 
     def learn_tab(self):
         topics = [("What is a mixture of experts?", "intro"),
@@ -298,8 +523,31 @@ class Dashboard(pn.viewable.Viewer):
         from .lab import TrainingLab
 
         self.lab = TrainingLab(notify=notify, css=CSS, router_state=self.state)
-        return pn.Tabs(("Router", self.router_tab()), ("Training lab", self.lab), ("Parameters", self.params_tab()),
-                       ("Learn", self.learn_tab()), sizing_mode="stretch_width", dynamic=True)
+        tabs = [("router", "Router", self.router_tab()),
+                ("compare", "Compare", self.compare_tab()),
+                ("lab", "Training lab", self._named("lab", pn.Column(self.lab, css_classes=["view-lab"],
+                                                                     stylesheets=[FOCUS_CSS],
+                                                                     sizing_mode="stretch_width"))),
+                ("params", "Parameters", self.params_tab()),
+                ("learn", "Learn", self.learn_tab())]
+        self.tab_names = [t[0] for t in tabs]
+        hide_css = [".bk-header { display: none; }"] if "tabs" in self.page.get("hide", []) else []
+        self.tabs = pn.Tabs(*[(label, view) for _, label, view in tabs], sizing_mode="stretch_width",
+                            dynamic=True, stylesheets=hide_css, name="main_tabs")
+        self.tabs.param.watch(self._on_tab, "active")
+        if self.page.get("tab") in self.tab_names:
+            self.tabs.active = self.tab_names.index(self.page["tab"])
+        if self.page.get("lesson"):
+            step = self.page.get("step", 1) - 1
+            pn.state.onload(lambda: self._start_lesson(self.page["lesson"], step))
+        return pn.Column(self.lesson_bar, self.tabs, self.page_control, sizing_mode="stretch_width")
+
+    def _on_tab(self, event):
+        if hasattr(self, "compare"):
+            if self.tab_names[event.new] == "compare":
+                self.compare.show()
+            else:
+                self.compare.shown = False
 
     def __panel__(self):
-        return pn.Row(pn.Column(*self.controls(), width=300), self.main(), sizing_mode="stretch_width")
+        return pn.Row(pn.Column(self.sidebar(), width=300), self.main(), sizing_mode="stretch_width")

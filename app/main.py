@@ -17,8 +17,9 @@ dashboard = Dashboard()
 # (FastListTemplate fetches a Google font, which fails on a classroom network without internet).
 template = pn.template.BootstrapTemplate(
     title="MoE Router Lab",
-    sidebar=dashboard.controls(),
+    sidebar=[dashboard.sidebar()],
     main=[dashboard.main()],
+    collapsed_sidebar="controls" in dashboard.page.get("hide", []),   # a lesson link can hide the controls
     busy_indicator=None,          # the busy indicator is process-global: it would ping every session
     header_background="#0b3d6e",
     sidebar_width=330,
