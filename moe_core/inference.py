@@ -116,11 +116,13 @@ def route_ids(model, ids: list[int], **overrides) -> tuple[list[Routing], float 
 
 def route_text(model: LoadedModel, text: str, *, scheme: str | None = None, top_k: int | None = None,
                capacity_factor: float | None = None, max_tokens: int = MAX_TOKENS,
-               truncate: bool = False, tokenizer=None) -> RouteResult:
+               truncate: bool = False, tokenizer=None, disabled_experts: dict | None = None) -> RouteResult:
     """Tokenise `text` and route it through every layer of `model`.
 
     Over `max_tokens` tokens: ValueError, or with `truncate=True` the first
     `max_tokens` tokens are routed and `truncated` is set.
+    `disabled_experts={layer: [experts]}` switches those experts off (an
+    ablation; the router can never select them, see MoELayer.route).
     """
     from .tokenizer import get_tokenizer
 
@@ -137,6 +139,8 @@ def route_text(model: LoadedModel, text: str, *, scheme: str | None = None, top_
         if not truncate:
             raise ValueError(f"the text has {n_total} tokens; the limit is {max_tokens} tokens per request")
         tokens = tokens[:max_tokens]
+    if disabled_experts:
+        overrides["disabled_experts"] = disabled_experts
     routings, loss = route_ids(model.model, [t.id for t in tokens], **overrides)
     params = count_params(model.model, top_k=overrides.get("top_k"), scheme=scheme,
                           capacity_factor=overrides.get("capacity_factor"))

@@ -175,8 +175,45 @@ class MoELayer(nn.Module):
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self.n_experts:
                 raise ValueError(f"top-k must be between 1 and N = {self.n_experts}, got {top_k!r}")
 
-    def route(self, x: Tensor, *, top_k: int | None = None, scheme: str | None = None, **options) -> Routing:
-        """Router decision for x [n, d_model] (one or more groups), without running experts."""
+    def _check_disabled(self, disabled, scheme: str, k: int | None, options: dict) -> list[int]:
+        """Validate `disabled_experts`; return the sorted experts that stay switched on."""
+        if isinstance(disabled, (str, bytes)) or not hasattr(disabled, "__iter__"):
+            raise ValueError(f"disabled_experts must be a list of expert numbers, got {disabled!r}")
+        off = set()
+        for e in disabled:
+            if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < self.n_experts:
+                raise ValueError(f"disabled expert {e!r} does not exist: experts are numbered 0 to {self.n_experts - 1}")
+            off.add(e)
+        on = [e for e in range(self.n_experts) if e not in off]
+        s = get_scheme(scheme)
+        need = k if s.uses_k else (s.fixed_k or 1)
+        if len(on) < need:
+            what = f"top-k = {k}" if s.uses_k else f"{s.label} ({need} expert(s) per token)"
+            raise ValueError(f"{len(off)} of {self.n_experts} experts are switched off: {len(on)} remain, "
+                             f"but {what} needs at least {need}")
+        if scheme == "deepseek" and options.get("n_groups", 1) > 1 and off:
+            raise ValueError("switching experts off is not supported with group-limited DeepSeek routing "
+                             "(n_groups > 1): the expert groups would no longer be equal")
+        return on
+
+    def route(self, x: Tensor, *, top_k: int | None = None, scheme: str | None = None,
+              disabled_experts=None, **options) -> Routing:
+        """Router decision for x [n, d_model] (one or more groups), without running experts.
+
+        `disabled_experts` (a list of expert numbers) switches experts off for
+        this call, for ablations: the router can never select them. They are
+        removed from the routing group before the scheme runs, and the scheme
+        routes over the remaining N' experts exactly as it would in a model
+        that only had those. For softmax schemes this is the same as setting the
+        disabled logits to -inf (their probability is 0 and top-k weights are
+        renormalised over what remains, as the scheme does); for DeepSeek the
+        sigmoid score is 0 and the bias cannot bring the expert back; Expert
+        Choice and BASE give a disabled expert no tokens (the remaining experts
+        share all of them). Capacity follows the scheme's own rule over N'
+        experts (ceil(cf * T / N')). The weights are never touched, and the
+        returned Routing still has N columns: zeros for disabled experts, whose
+        raw router logits are kept in `logits` for display.
+        """
         scheme = scheme or self.scheme
         s = get_scheme(scheme)
         if scheme == self.scheme:
@@ -184,19 +221,36 @@ class MoELayer(nn.Module):
         group_size = options.pop("group_size", self.group_size)
         k = (top_k or self.top_k) if s.uses_k else None
         self._check_call(scheme, k, options)
+        on = None
+        if disabled_experts is not None:
+            on = self._check_disabled(disabled_experts, scheme, k, options)
+            if len(on) == self.n_experts:
+                on = None
         logits = self.router(x)
         if scheme == "noisy_topk" and self.noise is not None:
             options.update(noise_logits=self.noise(x), training=self.training)
         if scheme == "deepseek":
             options.setdefault("bias", self.expert_bias)
+        full_logits = logits
+        if on is not None:
+            keep = torch.tensor(on, device=logits.device)
+            logits = logits[:, keep]
+            if options.get("noise_logits") is not None:
+                options["noise_logits"] = options["noise_logits"][:, keep]
+            if options.get("bias") is not None:
+                options["bias"] = options["bias"][keep.to(options["bias"].device)]
         n = logits.shape[0]
         if group_size is None or group_size >= n:
-            return route(logits, scheme, k=k, **options)
-        parts = []
-        for start in range(0, n, group_size):
-            sub = {kk: (v[start : start + group_size] if kk == "noise_logits" else v) for kk, v in options.items()}
-            parts.append(route(logits[start : start + group_size], scheme, k=k, **sub))
-        return Routing.cat(parts)
+            routing = route(logits, scheme, k=k, **options)
+        else:
+            parts = []
+            for start in range(0, n, group_size):
+                sub = {kk: (v[start : start + group_size] if kk == "noise_logits" else v) for kk, v in options.items()}
+                parts.append(route(logits[start : start + group_size], scheme, k=k, **sub))
+            routing = Routing.cat(parts)
+        if on is not None:
+            routing = _expand_routing(routing, keep, self.n_experts, full_logits)
+        return routing
 
     def experts_per_token(self, *, top_k: int | None = None, scheme: str | None = None,
                           capacity_factor: float | None = None) -> float:
@@ -268,6 +322,24 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, top_k={self.top_k}, "
                 f"scheme={self.scheme!r}, n_shared={self.n_shared}")
+
+
+def _expand_routing(r: Routing, keep: Tensor, n_experts: int, logits: Tensor) -> Routing:
+    """Map a Routing over the N' switched-on experts `keep` back to all N experts (zeros elsewhere)."""
+
+    def cols(t: Tensor) -> Tensor:                      # (T, N') -> (T, N)
+        out = t.new_zeros(t.shape[0], n_experts)
+        out[:, keep] = t
+        return out
+
+    def ids(t: Tensor | None) -> Tensor | None:         # expert numbers N' -> N, -1 stays -1
+        if t is None:
+            return None
+        return torch.where(t >= 0, keep[t.clamp(min=0)], t)
+
+    return Routing(scheme=r.scheme, combine=cols(r.combine), dispatch=cols(r.dispatch), indices=ids(r.indices),
+                   weights=r.weights, probs=cols(r.probs), dropped=cols(r.dropped), capacity=r.capacity,
+                   aux=r.aux, choices=ids(r.choices), logits=logits)
 
 
 class DenseFFN(nn.Module):

@@ -206,18 +206,22 @@ class MoEGPT(nn.Module):
         """idx (B, T) token ids; targets (B, T) next tokens, -1 = ignore; mask (B, T) real tokens.
 
         `route` overrides the routing of every MoE layer for this call
-        (top_k=, scheme=, capacity_factor=, ...), without touching weights.
+        (top_k=, scheme=, capacity_factor=, ...), without touching weights;
+        `disabled_experts={layer: [experts]}` switches experts of some layers
+        off for an ablation (see MoELayer.route).
         `return_logits=False` (training) computes the loss chunk by chunk and
         never builds the full logits tensor.
         """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context of {self.config.block_size}")
+        disabled = self._check_disabled(route.pop("disabled_experts", None))
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)                # (B, T, C)
         routings = []
-        for block in self.blocks:
-            x, routing = block(x, mask, **route)
+        for i, block in enumerate(self.blocks):
+            off = {"disabled_experts": disabled[i]} if i in disabled else {}
+            x, routing = block(x, mask, **route, **off)
             routings.append(routing)
         x = self.ln_f(x)
         logits = self.lm_head(x) if return_logits or targets is None else None  # (B, T, vocab)
@@ -239,6 +243,18 @@ class MoEGPT(nn.Module):
             if cfg.cv_loss_coef and "cv_importance" in aux:
                 loss = loss + cfg.cv_loss_coef * (aux["cv_importance"] + aux["cv_load"])
         return ModelOutput(logits, loss, routings, ce, aux)
+
+    def _check_disabled(self, disabled) -> dict:
+        """`disabled_experts` must map layer numbers to lists of expert numbers (checked per layer later)."""
+        if disabled is None:
+            return {}
+        if not isinstance(disabled, dict):
+            raise ValueError(f"disabled_experts must be a dict {{layer: [experts]}}, got {type(disabled).__name__}")
+        n = self.config.n_layer
+        for layer in disabled:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+                raise ValueError(f"disabled_experts: layer {layer!r} does not exist: layers are numbered 0 to {n - 1}")
+        return disabled
 
     @torch.no_grad()
     def update_expert_bias(self, routings: list[Routing], gamma: float | None = None) -> None:
