@@ -235,9 +235,9 @@ class TrainingLab(pn.viewable.Viewer):
             self.busy_src[i].data = {"step": [], "busiest": []}
             self.bal_src[i].data = {"step": [], "max_over_mean": [], "load_balance": [], "dead": []}
         f = figure(height=260, sizing_mode="stretch_width", title="Loss (nats): training, and held-out dots",
-                   tools="save", toolbar_location=None)
+                   tools="save", toolbar_location="right")
         g = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1.02),
-                   title="Busiest expert's share of first choices (any layer)", tools="save", toolbar_location=None)
+                   title="Busiest expert's share of first choices (any layer)", tools="save", toolbar_location="right")
         items_f, items_g = [], []
         for i, r in enumerate(runs):
             lab = f"{'AB'[i]}: {r.label()}"
@@ -247,7 +247,7 @@ class TrainingLab(pn.viewable.Viewer):
             lg = g.line("step", "busiest", source=self.busy_src[i], color=RUN_COLORS[i], line_dash=RUN_DASH[i],
                         width=2)
             items_g.append((lab, [lg]))
-        h = figure(height=260, sizing_mode="stretch_width", tools="save", toolbar_location=None,
+        h = figure(height=260, sizing_mode="stretch_width", tools="save", toolbar_location="right",
                    title="Balance per step: max/mean load (solid), load-balance loss (dots); 1.0 = even")
         items_h = []
         for i, r in enumerate(runs):
@@ -284,7 +284,7 @@ class TrainingLab(pn.viewable.Viewer):
             src = self.share_src[i]
             src.data = {"step": [], **{c: [] for c in cols}}
             fig = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1), tools="save",
-                         toolbar_location=None,
+                         toolbar_location="right",
                          title=f"{'AB'[i]}: share of first choices per expert, layer {layer} (stacked)")
             fig.varea_stack(cols, x="step", source=src, color=expert_colors(n), alpha=0.9)
             fig.xaxis.axis_label = "step"
@@ -293,7 +293,7 @@ class TrainingLab(pn.viewable.Viewer):
             bsrc = self.bias_src[i]
             bsrc.data = {"step": [], **{c: [] for c in cols}}
             if r.balancing == "deepseek_bias":
-                bf = figure(height=220, sizing_mode="stretch_width", tools="save", toolbar_location=None,
+                bf = figure(height=220, sizing_mode="stretch_width", tools="save", toolbar_location="right",
                             title=f"{'AB'[i]}: DeepSeek selection bias per expert, layer {layer}")
                 for e, c in enumerate(cols):
                     bf.line("step", c, source=bsrc, color=expert_colors(n)[e], width=1.5)

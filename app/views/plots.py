@@ -194,7 +194,7 @@ class LoadView:
         self.figs, self.sources, self.caps, self.fairs = [], [], [], []
         for li in range(n_layer_max):
             src = ColumnDataSource({k: [] for k in ("e", "load", "share", "color", "label")}, name=f"load_{li}")
-            f = figure(height=200, sizing_mode="stretch_width", tools="save", toolbar_location=None,
+            f = figure(height=200, sizing_mode="stretch_width", tools="save", toolbar_location="right",
                        name=f"load_fig_{li}", title=f"Layer {li}: tokens per expert")
             f.vbar("e", top="load", width=0.8, source=src, fill_color="color", line_color="#222")
             f.text("e", "load", text="label", source=src, text_align="center", text_baseline="bottom",

@@ -19,7 +19,7 @@ def published_chart():
         "bf16": [r["bf16_gb"] for r in rows],
     }, name="published_source")
     f = figure(y_range=names, x_axis_type="log", height=60 + 38 * len(rows), sizing_mode="stretch_width",
-               toolbar_location=None, name="published_chart", x_range=(0.5, 3000),
+               tools="save", toolbar_location="right", name="published_chart", x_range=(0.5, 3000),
                title="Billions of parameters (log scale): stored (total) vs used per token (active)")
     t = f.hbar(y=dodge("model", 0.18, range=f.y_range), right="total", left=0.5, height=0.34, source=src,
                fill_color="#0072B2", line_color=None)
