@@ -147,12 +147,18 @@ def cmd_route(args) -> int:
     from .layer import pick_device
 
     text = sys.stdin.read() if args.text == "-" else args.text
+    if args.expert_parallel:  # experts spread over P torchrun processes (moe_core/parallel.py)
+        from .parallel import cmd_route as route_expert_parallel
+
+        return route_expert_parallel(args, text, _resolve_model_name(args), _route_table)
     device = pick_device(args.device)
     model = load(_resolve_model_name(args), device=device)
     res = route_text(model, text, scheme=args.scheme, top_k=args.top_k,
                      capacity_factor=args.capacity_factor, max_tokens=MAX_TOKENS)
     if args.json:
-        out = json.dumps(res.to_json(model), ensure_ascii=False)
+        from .export import trace_json  # one code path with the dashboard's JSON download
+
+        out = trace_json(res, model)
     else:
         out = _route_table(res, model)
     print(out)
@@ -208,6 +214,10 @@ def cmd_train(args) -> int:
         overrides["threads"] = args.threads
     model_cfg, train_cfg, preset = make_configs(args.preset, **overrides)
     out = Path(args.out) if args.out else CHECKPOINT_DIR
+    if args.expert_parallel:  # experts spread over P torchrun processes (moe_core/parallel.py)
+        from .parallel import cmd_train as train_expert_parallel
+
+        return train_expert_parallel(args, model_cfg, train_cfg, preset, out)
     path = train_and_save(preset, model_cfg, train_cfg, out, progress=not args.quiet)
     print(f"saved {path}.safetensors and {path}.json")
     return 0
@@ -267,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--capacity-factor", type=_number, help="slots per expert = ceil(factor * tokens / N)")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
     q.add_argument("--json", action="store_true", help="print JSON (schema in README)")
+    q.add_argument("--expert-parallel", type=_positive_int, metavar="P",
+                   help="spread the experts over P processes (torchrun; launched for you) and report the traffic")
     q.set_defaults(fn=cmd_route)
 
     q = sub.add_parser("train", help="train a model from a preset and save a checkpoint")
@@ -277,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="auto, cpu or cuda")
     q.add_argument("--threads", type=_positive_int, help="torch CPU threads")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.add_argument("--expert-parallel", type=_positive_int, metavar="P",
+                   help="train with the experts spread over P processes (torchrun; launched for you)")
     q.set_defaults(fn=cmd_train)
 
     q = sub.add_parser("corpus", help="rebuild the training corpus and the tokenizer from their sources")
