@@ -487,8 +487,54 @@ class Dashboard(pn.viewable.Viewer):
                             self.balance,
                             title="Load: tokens per expert, and how balanced it is", name="load")),
             _card(self.explainer, title="About this routing scheme"),
+            self._named("export", _card(self._export_panel(), title="Take it home: routing trace, code, plots",
+                                        name="export")),
             sizing_mode="stretch_width",
         )
+
+    def _export_panel(self):
+        from .views.export import ExportPanel
+
+        self.export = ExportPanel(state=self.state, css=CSS)
+        return self.export
+
+    def _quiz_view(self):
+        from .views.quiz import QuizView
+
+        self.quiz = QuizView(state=self.state, on_show=self._show_quiz_setup)
+        return self.quiz
+
+    def _show_quiz_setup(self, setup: dict):
+        from .quiz import apply_setup
+
+        with self._one_route():
+            apply_setup(self.state, setup)
+        self.tabs.active = self.tab_names.index("router")
+
+    def _profiles_view(self):
+        from .views.profiles import ExpertProfiles
+
+        self.profiles = ExpertProfiles(state=self.state)
+        return self.profiles
+
+    def scale_tab(self):
+        """Filled when first opened: the scale view starts this server's (background) measurement."""
+        self.scale_holder = pn.Column(sizing_mode="stretch_width", css_classes=["view-scale"],
+                                      stylesheets=[FOCUS_CSS])
+        return self._named("scale", self.scale_holder)
+
+    def _fill_scale_tab(self):
+        if getattr(self, "scale", None) is not None:
+            return
+        from .views.scale import ScaleView
+
+        from .views.parallel import parallel_view
+
+        self.scale = ScaleView(css=CSS)
+        self.scale_holder.objects = [
+            _card(self.scale, title="Scale it up: compute stays flat while memory grows with N", name="scale-view"),
+            _card(parallel_view(), title="Expert parallelism: experts spread over devices, tokens travel (measured runs)",
+                  name="parallel")]
 
     def params_tab(self):
         c = self._named
@@ -525,10 +571,16 @@ class Dashboard(pn.viewable.Viewer):
         self.lab = TrainingLab(notify=notify, css=CSS, router_state=self.state)
         tabs = [("router", "Router", self.router_tab()),
                 ("compare", "Compare", self.compare_tab()),
+                ("profiles", "Expert profiles", self._named("profiles", _card(
+                    self._profiles_view(), title="What each expert learned (held-out corpus), and switching one off",
+                    name="profiles"))),
                 ("lab", "Training lab", self._named("lab", pn.Column(self.lab, css_classes=["view-lab"],
                                                                      stylesheets=[FOCUS_CSS],
                                                                      sizing_mode="stretch_width"))),
                 ("params", "Parameters", self.params_tab()),
+                ("scale", "Scale", self.scale_tab()),
+                ("quiz", "Quiz", self._named("quiz", _card(self._quiz_view(), title="Predict, then check against the "
+                                                           "live model", name="quiz"))),
                 ("learn", "Learn", self.learn_tab())]
         self.tab_names = [t[0] for t in tabs]
         hide_css = [".bk-header { display: none; }"] if "tabs" in self.page.get("hide", []) else []
@@ -543,6 +595,8 @@ class Dashboard(pn.viewable.Viewer):
         return pn.Column(self.lesson_bar, self.tabs, self.page_control, sizing_mode="stretch_width")
 
     def _on_tab(self, event):
+        if self.tab_names[event.new] == "scale":
+            self._fill_scale_tab()
         if hasattr(self, "compare"):
             if self.tab_names[event.new] == "compare":
                 self.compare.show()

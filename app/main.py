@@ -7,11 +7,13 @@ its own RouterState and views.
 import panel as pn
 
 from app.dashboard import CSS, Dashboard
+from app.quiz import warm as warm_quiz
 from app.state import preload_models
 
 pn.extension("katex", notifications=True, raw_css=[CSS])
 
 preload_models()                  # once per process: later sessions find them cached
+pn.state.as_cached("quiz-warm", warm_quiz)   # every quiz answer computed once per process, not per student
 dashboard = Dashboard()
 # BootstrapTemplate: every resource it needs is bundled with Panel, so the page works offline
 # (FastListTemplate fetches a Google font, which fails on a classroom network without internet).
