@@ -77,3 +77,29 @@ def test_compare_mode_shows_divergence_per_layer(page: Page, app_url):
     page.get_by_role("button", name="B = A, then change one thing").click()
     expect(page.get_by_text("same first choice").first).to_be_visible(timeout=15_000)
     expect(page.get_by_text("Same weights on both sides").first).to_be_visible()
+
+
+# The focused element, through Panel's nested shadow roots.
+DEEP_ACTIVE = """() => { let a = document.activeElement;
+    while (a && a.shadowRoot && a.shadowRoot.activeElement) a = a.shadowRoot.activeElement;
+    if (!a) return null;
+    const cs = getComputedStyle(a);
+    return {tag: a.tagName.toLowerCase(), text: (a.innerText || a.value || a.getAttribute('aria-label') || '').slice(0, 40),
+            ring: cs.outlineStyle !== 'none' && parseFloat(cs.outlineWidth) > 0 || cs.boxShadow !== 'none'}; }"""
+
+
+def test_every_control_is_reachable_by_keyboard_with_a_visible_focus(page: Page, app_url):
+    open_app(page, app_url)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    seen = []
+    for _ in range(80):
+        page.keyboard.press("Tab")
+        info = page.evaluate(DEEP_ACTIVE)
+        if info and info["tag"] != "body":
+            seen.append(info)
+    tags = {s["tag"] for s in seen}
+    texts = " | ".join(s["text"] for s in seen)
+    assert {"select", "textarea", "button"} <= tags, tags
+    assert "Route" in texts and "Make a link to this view" in texts, texts
+    unringed = [s for s in seen if not s["ring"]]
+    assert not unringed, f"focused without a visible focus indicator: {unringed[:5]}"

@@ -20,14 +20,25 @@ def expert_colors(n: int) -> list[str]:
     return [base[i % len(base)] for i in range(n)]
 
 
-def text_color(background: str) -> str:
-    """Black or white, whichever contrasts more with `background` (WCAG relative luminance)."""
-    r, g, b = (int(background[i : i + 2], 16) / 255 for i in (1, 3, 5))
+def luminance(color: str) -> float:
+    """WCAG 2.x relative luminance of a #RRGGBB colour."""
+    r, g, b = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
 
     def lin(c):
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
 
-    lum = 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two #RRGGBB colours (1 to 21; AA body text needs 4.5)."""
+    la, lb = sorted((luminance(a), luminance(b)), reverse=True)
+    return (la + 0.05) / (lb + 0.05)
+
+
+def text_color(background: str) -> str:
+    """Black or white, whichever contrasts more with `background` (WCAG relative luminance)."""
+    lum = luminance(background)
     return "#000000" if (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) else "#FFFFFF"
 
 
