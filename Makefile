@@ -29,6 +29,10 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y chromium >/dev/null || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y chromium >/dev/null; }; }
 	@test -x $(CHROMIUM) || { echo "chromium not found at $(CHROMIUM); set CHROMIUM=/path/to/chromium"; exit 1; }
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  echo "installing Debian nginx for tests/test_serving.py (the tests run their own, unprivileged, on loopback)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y nginx >/dev/null || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y nginx >/dev/null; }; }
 
 serve: setup
 	$(PY) -m moe_core serve --port $(PORT)

@@ -82,8 +82,7 @@ class Dashboard(pn.viewable.Viewer):
         s.param.watch(self._on_notice, ["notice"])
         self._build_widgets()
         self._build_views()
-        s.route()
-        self._redraw()
+        s.route()                 # draws through the `result` watcher
         if url_messages:
             pn.state.onload(lambda: [notify("warning", m) for m in url_messages])
 
@@ -498,12 +497,6 @@ class Dashboard(pn.viewable.Viewer):
         self.export = ExportPanel(state=self.state, css=CSS)
         return self.export
 
-    def _quiz_view(self):
-        from .views.quiz import QuizView
-
-        self.quiz = QuizView(state=self.state, on_show=self._show_quiz_setup)
-        return self.quiz
-
     def _show_quiz_setup(self, setup: dict):
         from .quiz import apply_setup
 
@@ -511,30 +504,16 @@ class Dashboard(pn.viewable.Viewer):
             apply_setup(self.state, setup)
         self.tabs.active = self.tab_names.index("router")
 
-    def _profiles_view(self):
-        from .views.profiles import ExpertProfiles
-
-        self.profiles = ExpertProfiles(state=self.state)
-        return self.profiles
-
     def scale_tab(self):
-        """Filled when first opened: the scale view starts this server's (background) measurement."""
-        self.scale_holder = pn.Column(sizing_mode="stretch_width", css_classes=["view-scale"],
-                                      stylesheets=[FOCUS_CSS])
-        return self._named("scale", self.scale_holder)
-
-    def _fill_scale_tab(self):
-        if getattr(self, "scale", None) is not None:
-            return
+        from .views.parallel import parallel_view
         from .views.scale import ScaleView
 
-        from .views.parallel import parallel_view
-
-        self.scale = ScaleView(css=CSS)
-        self.scale_holder.objects = [
+        self.scale = ScaleView(css=CSS)    # starts this server's (background, once per process) measurement
+        return self._named("scale", pn.Column(
             _card(self.scale, title="Scale it up: compute stays flat while memory grows with N", name="scale-view"),
             _card(parallel_view(), title="Expert parallelism: experts spread over devices, tokens travel (measured runs)",
-                  name="parallel")]
+                  name="parallel"),
+            css_classes=["view-scale"], stylesheets=[FOCUS_CSS], sizing_mode="stretch_width"))
 
     def params_tab(self):
         c = self._named
@@ -566,25 +545,20 @@ class Dashboard(pn.viewable.Viewer):
         return pn.Column(acc, sizing_mode="stretch_width")
 
     def main(self):
-        from .lab import TrainingLab
-
-        self.lab = TrainingLab(notify=notify, css=CSS, router_state=self.state)
-        tabs = [("router", "Router", self.router_tab()),
-                ("compare", "Compare", self.compare_tab()),
-                ("profiles", "Expert profiles", self._named("profiles", _card(
-                    self._profiles_view(), title="What each expert learned (held-out corpus), and switching one off",
-                    name="profiles"))),
-                ("lab", "Training lab", self._named("lab", pn.Column(self.lab, css_classes=["view-lab"],
-                                                                     stylesheets=[FOCUS_CSS],
-                                                                     sizing_mode="stretch_width"))),
-                ("params", "Parameters", self.params_tab()),
-                ("scale", "Scale", self.scale_tab()),
-                ("quiz", "Quiz", self._named("quiz", _card(self._quiz_view(), title="Predict, then check against the "
-                                                           "live model", name="quiz"))),
-                ("learn", "Learn", self.learn_tab())]
-        self.tab_names = [t[0] for t in tabs]
+        # Only the Router tab is built with the session; every other tab is built the first time it is
+        # opened (a lesson step or a link opens it too). A session costs a fraction of the CPU this way,
+        # which is what lets 60 students open the page at once on a small server.
+        tabs = [("router", "Router"), ("compare", "Compare"), ("profiles", "Expert profiles"),
+                ("lab", "Training lab"), ("params", "Parameters"), ("scale", "Scale"), ("quiz", "Quiz"),
+                ("learn", "Learn")]
+        self._builders = {"compare": self.compare_tab, "profiles": self.profiles_tab, "lab": self.lab_tab,
+                          "params": self.params_tab, "scale": self.scale_tab, "quiz": self.quiz_tab,
+                          "learn": self.learn_tab}
+        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in self._builders}
+        self.tab_names = [name for name, _ in tabs]
+        views = [self.router_tab() if name == "router" else self._holders[name] for name, _ in tabs]
         hide_css = [".bk-header { display: none; }"] if "tabs" in self.page.get("hide", []) else []
-        self.tabs = pn.Tabs(*[(label, view) for _, label, view in tabs], sizing_mode="stretch_width",
+        self.tabs = pn.Tabs(*[(label, view) for (_, label), view in zip(tabs, views)], sizing_mode="stretch_width",
                             dynamic=True, stylesheets=hide_css, name="main_tabs")
         self.tabs.param.watch(self._on_tab, "active")
         if self.page.get("tab") in self.tab_names:
@@ -594,9 +568,39 @@ class Dashboard(pn.viewable.Viewer):
             pn.state.onload(lambda: self._start_lesson(self.page["lesson"], step))
         return pn.Column(self.lesson_bar, self.tabs, self.page_control, sizing_mode="stretch_width")
 
+    def build_tab(self, name: str):
+        """Build a tab's views now (first opening); later calls do nothing."""
+        builder = self._builders.pop(name, None)
+        if builder is not None:
+            self._holders[name].objects = [builder()]
+
+    @property
+    def lab(self):
+        self.build_tab("lab")
+        return self._lab
+
+    def lab_tab(self):
+        from .lab import TrainingLab
+
+        self._lab = TrainingLab(notify=notify, css=CSS, router_state=self.state)
+        return self._named("lab", pn.Column(self._lab, css_classes=["view-lab"], stylesheets=[FOCUS_CSS],
+                                            sizing_mode="stretch_width"))
+
+    def profiles_tab(self):
+        from .views.profiles import ExpertProfiles
+
+        self.profiles = ExpertProfiles(state=self.state)
+        return self._named("profiles", _card(self.profiles, name="profiles",
+                                             title="What each expert learned (held-out corpus), and switching one off"))
+
+    def quiz_tab(self):
+        from .views.quiz import QuizView
+
+        self.quiz = QuizView(state=self.state, on_show=self._show_quiz_setup)
+        return self._named("quiz", _card(self.quiz, title="Predict, then check against the live model", name="quiz"))
+
     def _on_tab(self, event):
-        if self.tab_names[event.new] == "scale":
-            self._fill_scale_tab()
+        self.build_tab(self.tab_names[event.new])
         if hasattr(self, "compare"):
             if self.tab_names[event.new] == "compare":
                 self.compare.show()

@@ -4,16 +4,25 @@ The model weights are loaded once per server process (moe_core.checkpoint.load
 caches them) and shared read-only by every session; each session holds only
 its own RouterState and views.
 """
+import contextvars
+
 import panel as pn
 
 from app.dashboard import CSS, Dashboard
 from app.quiz import warm as warm_quiz
-from app.state import preload_models
+from app.state import RELEASE_PERIOD_S, preload_models, release_freed_memory
 
 pn.extension("katex", notifications=True, raw_css=[CSS])
 
 preload_models()                  # once per process: later sessions find them cached
 pn.state.as_cached("quiz-warm", warm_quiz)   # every quiz answer computed once per process, not per student
+# once per process (schedule_task ignores the repeats): give the pages glibc keeps after sessions and routings
+# are freed back to the OS, so RSS follows what is alive (issue #8; see release_freed_memory). Scheduled from
+# an EMPTY contextvars context: the IOLoop timer copies the current context, and this one holds this session's
+# document (Panel's curdoc is a ContextVar), so the first session would otherwise stay alive forever, re-armed
+# every period (measured: scripts/memprobe.py showed its Dashboard surviving).
+contextvars.Context().run(pn.state.schedule_task, "moe-lab-release-freed-memory", release_freed_memory,
+                          period=f"{RELEASE_PERIOD_S}s")
 dashboard = Dashboard()
 # BootstrapTemplate: every resource it needs is bundled with Panel, so the page works offline
 # (FastListTemplate fetches a Google font, which fails on a classroom network without internet).
@@ -26,4 +35,7 @@ template = pn.template.BootstrapTemplate(
     header_background="#0b3d6e",
     sidebar_width=330,
 )
-template.servable()
+# adding the template's ~25 roots one by one makes Bokeh re-index the whole document each time
+# (55 % of a session's start-up in a profile): freeze, add all, re-index once
+with pn.state.curdoc.models.freeze():
+    template.servable()

@@ -235,8 +235,9 @@ def test_compare_different_models_uses_number_free_measures():
 def test_compare_view_routes_b_only_while_shown_and_reports_bad_b():
     d = Dashboard()
     d.sidebar(), d.main()
-    c = d.compare
+    assert not hasattr(d, "compare")                     # built when first opened, not with the session
     d.tabs.active = d.tab_names.index("compare")
+    c = d.compare
     assert c.shown and "moe-n8-nobalance" in c.summary.object
     c._copy_a()
     c.k_b.value = 1
