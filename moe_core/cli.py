@@ -242,7 +242,13 @@ def cmd_serve(args) -> int:
     app = Path(__file__).resolve().parent.parent / "app" / "main.py"
     cmd = [sys.executable, "-m", "panel", "serve", str(app), "--address", args.address, "--port", str(args.port),
            "--allow-websocket-origin", f"localhost:{args.port}", "--allow-websocket-origin", f"127.0.0.1:{args.port}",
-           "--index", "main", "--num-procs", "1"]
+           "--index", "main", "--num-procs", "1",
+           # classroom defaults (docs/serving.md): warm the app before the first student, expire unused
+           # session tokens after an hour, drop sessions whose tab was closed, keep websockets alive
+           "--warm", "--session-token-expiration", "3600", "--unused-session-lifetime", "300000",
+           "--check-unused-sessions", "30000", "--keep-alive", "30000"]
+    if args.behind_proxy:
+        cmd.append("--use-xheaders")
     for origin in args.allow_origin or []:
         cmd += ["--allow-websocket-origin", origin]
     if args.show:
@@ -317,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--address", default="127.0.0.1")
     q.add_argument("--allow-origin", action="append", help="extra allowed websocket origin host[:port]")
     q.add_argument("--show", action="store_true", help="open a browser")
+    q.add_argument("--behind-proxy", action="store_true",
+                   help="trust X-Forwarded-* headers (when nginx or another proxy is in front, see deploy/)")
     q.set_defaults(fn=cmd_serve)
     return p
 
