@@ -6,6 +6,8 @@ be driven from plain Python (tests, notebooks); the views only watch it.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import time
 from functools import lru_cache
@@ -22,6 +24,7 @@ RECIPE_LABELS = {
     "deepseek_bias": "DeepSeek bias",
     "untrained": "untrained",
 }
+RELEASE_PERIOD_S = 30       # how often the server hands freed memory back to the OS (release_freed_memory)
 MAX_TEXT_CHARS = 200_000  # longer pastes are cut before tokenising (the token limit cuts again)
 
 
@@ -51,6 +54,34 @@ def preload_models() -> None:
     does not step up later, in the middle of a class, when someone first picks another model."""
     for m in catalog():
         load(m["name"])
+
+
+@lru_cache(maxsize=1)
+def _libc_malloc_trim():
+    """glibc's malloc_trim, or None where the C library is not glibc (macOS, musl, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool:
+    """Hand the pages that freed Python, numpy and torch objects leave in malloc's arenas back to the OS.
+
+    Why: a served session is thousands of small objects (Bokeh models, param
+    watchers, JSON strings) plus numpy/torch temporaries for every routing, made
+    on several threads. glibc keeps freed chunks in per-thread arenas and only
+    returns memory from the top of each heap, so after a busy hour the server's
+    RSS stays near its peak although nothing is alive any more
+    (scripts/memprobe.py: the live Dashboard/Document counts go back to idle,
+    RSS does not). `malloc_trim(0)` walks every arena and releases the free
+    pages (madvise); measured on this app it returns most of that growth. The
+    same workaround is used by many long-running glibc servers, e.g.
+    memcached/memcached#1088, osquery/osquery#7502. Returns whether anything
+    was released; a no-op (False) off glibc. app/main.py schedules it every
+    RELEASE_PERIOD_S seconds, once per server process."""
+    trim = _libc_malloc_trim()
+    return bool(trim(0)) if trim is not None else False
 
 
 class RouterState(param.Parameterized):
@@ -226,4 +257,4 @@ class RouterState(param.Parameterized):
         return list(range(n)) if self.layer == "all" else [int(self.layer)]
 
 
-__all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS"]
+__all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS", "release_freed_memory"]
