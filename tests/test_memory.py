@@ -58,7 +58,7 @@ def destroyed_document_shells() -> int:
     from bokeh.document import Document
 
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, Document) and not hasattr(o, "_roots"))
+    return sum(1 for o in gc.get_objects() if type(o) is Document and not hasattr(o, "_roots"))
 
 
 def assert_nothing_kept(before: dict) -> None:
