@@ -75,9 +75,9 @@ def release_freed_memory() -> bool:
     RSS stays near its peak although nothing is alive any more
     (scripts/memprobe.py: the live Dashboard/Document counts go back to idle,
     RSS does not). `malloc_trim(0)` walks every arena and releases the free
-    pages (madvise); measured on this app it returns most of that growth. The
-    same workaround is used by many long-running glibc servers, e.g.
-    memcached/memcached#1088, osquery/osquery#7502. Returns whether anything
+    pages (madvise); measured on this app it returns most of that growth. Other
+    long-running glibc processes do the same, e.g. denoland/deno#32662 (after
+    module loading) and amun-ai/hypha#976 (a periodic trim). Returns whether anything
     was released; a no-op (False) off glibc. app/main.py schedules it every
     RELEASE_PERIOD_S seconds, once per server process."""
     trim = _libc_malloc_trim()
