@@ -33,6 +33,9 @@ from .views.walkthrough import routing_table_html, walkthrough_html
 TEXT_DEBOUNCE_S = 0.35
 CSS = (Path(ASSETS) / "app.css").read_text(encoding="utf-8")
 # the view a lesson step points at: a thick amber frame (3.0:1 against white, WCAG 1.4.11 for UI parts)
+# the lesson's text floats at the bottom right, so it stays in view while the page scrolls to the view it is about
+LESSON_BAR_CSS = (":host { position: fixed; right: 18px; bottom: 18px; width: min(560px, 46vw); max-height: 60vh; "
+                  "overflow-y: auto; z-index: 1000; box-shadow: 0 8px 28px rgba(0, 0, 0, .28); }")
 FOCUS_CSS = ":host(.lesson-focus) { outline: 4px solid #B35806; outline-offset: 2px; border-radius: 6px; }"
 
 
@@ -230,8 +233,8 @@ class Dashboard(pn.viewable.Viewer):
         self.lesson_bar = pn.Column(
             self.lesson_head, self.lesson_body,
             pn.Row(self.lesson_prev, self.lesson_next, self.lesson_exit,
-                   _html("<span class='muted'>Keys: \u2192 or Space next, \u2190 back</span>", align="center")),
-            visible=False, css_classes=["lesson-bar"], sizing_mode="stretch_width", name="lesson_bar")
+                   _html("<span class='muted'>Keys: \u2192 next, \u2190 back</span>", align="center")),
+            visible=False, css_classes=["lesson-bar"], name="lesson_bar", stylesheets=[LESSON_BAR_CSS])
 
     def _make_tap_handler(self, src):
         def handler(attr, old, new):

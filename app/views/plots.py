@@ -194,8 +194,11 @@ class LoadView:
         self.figs, self.sources, self.caps, self.fairs = [], [], [], []
         for li in range(n_layer_max):
             src = ColumnDataSource({k: [] for k in ("e", "load", "share", "color", "label")}, name=f"load_{li}")
+            # Range1d, set in update(): an auto-ranging DataRange1d in the page could keep an older extent
+            # and cut the busiest bar off when a model with a taller one was loaded (seen in a lesson)
             f = figure(height=200, sizing_mode="stretch_width", tools="save", toolbar_location="right",
-                       name=f"load_fig_{li}", title=f"Layer {li}: tokens per expert")
+                       name=f"load_fig_{li}", title=f"Layer {li}: tokens per expert",
+                       y_range=Range1d(0, 1, name=f"load_y_{li}"))
             f.vbar("e", top="load", width=0.8, source=src, fill_color="color", line_color="#222")
             f.text("e", "load", text="label", source=src, text_align="center", text_baseline="bottom",
                    text_font_size="10px", y_offset=-2)
@@ -208,7 +211,6 @@ class LoadView:
             f.add_tools(HoverTool(tooltips=[("expert", "@e"), ("tokens", "@load"), ("share", "@share{0.0%}")]))
             f.xaxis.axis_label = "expert"
             f.xaxis.ticker = FixedTicker(ticks=[])
-            f.y_range.start = 0
             f.xgrid.visible = False
             self.figs.append(f)
             self.sources.append(src)
