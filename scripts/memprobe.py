@@ -146,25 +146,11 @@ class Opener:
             handle.close()
 
     def use(self, ctx, rng, texts) -> None:
-        """One soak-like action on an open browser session (scripts/soak.py does the same)."""
-        page = ctx.pages[0]
-        kind = rng.choice(["text", "k", "n", "layer", "scheme"])
-        if kind == "text":
-            box = page.locator("textarea").first
-            box.fill(rng.choice(texts))
-            box.press("Tab")
-        elif kind == "k":
-            h = page.locator(".noUi-handle").first
-            h.focus()
-            h.press(rng.choice(["ArrowRight", "ArrowLeft"]))
-        elif kind == "n":
-            page.get_by_role("button", name=rng.choice(["4", "8", "16", "32"]), exact=True).click()
-        elif kind == "layer":
-            page.get_by_text(rng.choice(["all", "layer 0", "layer 3"]), exact=True).first.click()
-        else:
-            sel = page.locator("select", has=page.locator("option", has_text="Expert Choice")).first
-            sel.select_option(label=rng.choice(["Softmax top-k (Mixtral)", "Expert Choice",
-                                                "Switch top-1 with capacity", "DeepSeek-V3 (sigmoid + bias)"]))
+        """One soak-like action on an open browser session (the soak's own, scripts/soak.py)."""
+        sys.path.insert(0, str(ROOT))
+        from scripts.soak import student_action
+
+        student_action(ctx.pages[0], rng, texts)
 
     def shutdown(self) -> None:
         if self._browser is not None:

@@ -24,6 +24,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+SCHEME_LABELS = ["Softmax top-k (Mixtral)", "Expert Choice", "Switch top-1 with capacity",
+                 "BASE layers (balanced assignment)", "DeepSeek-V3 (sigmoid + bias)"]
+
+
+def student_action(page, rng, texts) -> str:
+    """One thing a student does on an open page (new text, k, N, layer or scheme); returns which."""
+    kind = rng.choice(["text", "k", "n", "layer", "scheme"])
+    if kind == "text":
+        box = page.locator("textarea").first
+        box.fill(rng.choice(texts))
+        box.press("Tab")
+    elif kind == "k":
+        h = page.locator(".noUi-handle").first
+        h.focus()
+        h.press(rng.choice(["ArrowRight", "ArrowLeft"]))
+    elif kind == "n":
+        page.get_by_role("button", name=rng.choice(["4", "8", "16", "32"]), exact=True).click()
+    elif kind == "layer":
+        page.get_by_text(rng.choice(["all", "layer 0", "layer 3"]), exact=True).first.click()
+    else:
+        sel = page.locator("select", has=page.locator("option", has_text="Expert Choice")).first
+        sel.select_option(label=rng.choice(SCHEME_LABELS))
+    return kind
 PAYLOADS = ["<script>alert(1)</script>", "\u202eevil\u202c", "\x00\x1b[2J", "e\u0301\u0301", "7 " * 400,
             "\U0001F469\u200D\U0001F469\u200D\U0001F467"]
 
@@ -102,25 +127,9 @@ def main() -> int:
                 for page in pages:
                     if time.monotonic() >= end:
                         break
-                    kind = rng.choice(["text", "k", "n", "layer", "scheme"])
+                    kind = "?"
                     try:
-                        if kind == "text":
-                            box = page.locator("textarea").first
-                            box.fill(rng.choice(texts))
-                            box.press("Tab")
-                        elif kind == "k":
-                            h = page.locator(".noUi-handle").first
-                            h.focus()
-                            h.press(rng.choice(["ArrowRight", "ArrowLeft"]))
-                        elif kind == "n":
-                            page.get_by_role("button", name=rng.choice(["4", "8", "16", "32"]), exact=True).click()
-                        elif kind == "layer":
-                            page.get_by_text(rng.choice(["all", "layer 0", "layer 3"]), exact=True).first.click()
-                        else:
-                            sel = page.locator("select", has=page.locator("option", has_text="Expert Choice")).first
-                            sel.select_option(label=rng.choice(["Softmax top-k (Mixtral)", "Expert Choice",
-                                                                "Switch top-1 with capacity", "BASE layers (balanced assignment)",
-                                                                "DeepSeek-V3 (sigmoid + bias)"]))
+                        kind = student_action(page, rng, texts)
                         actions += 1
                     except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
                         failures += 1

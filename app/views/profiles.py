@@ -31,7 +31,8 @@ from moe_core.profiles import ABLATION_TOKENS, CATEGORIES, ablate, load_profiles
 from moe_core.routing import SCHEMES
 
 from ..state import RouterState
-from .palette import expert_colors, text_color
+from .palette import expert_colors
+from .panels import chip, visible
 
 CSS = (Path(ASSETS) / "app.css").read_text(encoding="utf-8")
 POLL_MS = 200
@@ -41,19 +42,6 @@ esc = html.escape
 
 def _html(*args, **kw):
     return pn.pane.HTML(*args, stylesheets=[CSS], **kw)
-
-
-def visible(text: str) -> str:
-    """A token's text with whitespace made visible (␣ space, ↵ newline, ⇥ tab), then HTML-escaped."""
-    shown = text.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5")
-    shown = "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in shown)
-    return esc(shown or "\u2205")
-
-
-def chip(e: int, n: int) -> str:
-    c = expert_colors(n)[e]
-    return (f'<span class="chip" style="background:{c};color:{text_color(c)}" '
-            f'aria-label="expert {e}">{e}</span>')
 
 
 def token_table(rows: list, title: str, what: str) -> str:
