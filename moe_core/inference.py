@@ -90,16 +90,22 @@ class RouteResult:
 
 
 def windows(ids: list[int], block_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut ids into [W, block] windows; next-token targets (-1 = none) and a mask of real tokens."""
+    """Cut ids into [W, width] windows; next-token targets (-1 = none) and a mask of real tokens.
+
+    width = min(len(ids), block_size): a text shorter than the context is one window of
+    exactly its length (causal attention gives its tokens the same values as in a padded
+    window, without computing the padding: a 50-token text costs 50 positions, not 256).
+    """
     n = len(ids)
-    W = (n + block_size - 1) // block_size
-    x = torch.zeros(W * block_size, dtype=torch.long)
-    y = torch.full((W * block_size,), -1, dtype=torch.long)
-    mask = torch.zeros(W * block_size, dtype=torch.bool)
+    width = max(1, min(n, block_size))
+    W = (n + width - 1) // width
+    x = torch.zeros(W * width, dtype=torch.long)
+    y = torch.full((W * width,), -1, dtype=torch.long)
+    mask = torch.zeros(W * width, dtype=torch.bool)
     t = torch.tensor(ids, dtype=torch.long)
     x[:n], mask[:n] = t, True
     y[: n - 1] = t[1:]
-    shape = (W, block_size)
+    shape = (W, width)
     return x.view(shape).to(device), y.view(shape).to(device), mask.view(shape).to(device)
 
 
