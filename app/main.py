@@ -10,18 +10,18 @@ import panel as pn
 
 from app.dashboard import CSS, Dashboard
 from app.quiz import warm as warm_quiz
-from app.state import RELEASE_PERIOD_S, preload_models, release_freed_memory
+from app.state import RELEASE_PERIOD_S, preload_models, release_when_quiet
 
 pn.extension("katex", notifications=True, raw_css=[CSS])
 
 preload_models()                  # once per process: later sessions find them cached
 pn.state.as_cached("quiz-warm", warm_quiz)   # every quiz answer computed once per process, not per student
 # once per process (schedule_task ignores the repeats): give the pages glibc keeps after sessions and routings
-# are freed back to the OS, so RSS follows what is alive (issue #8; see release_freed_memory). Scheduled from
+# are freed back to the OS once nobody is routing, so RSS follows what is alive (issue #8; see release_when_quiet). From
 # an EMPTY contextvars context: the IOLoop timer copies the current context, and this one holds this session's
 # document (Panel's curdoc is a ContextVar), so the first session would otherwise stay alive forever, re-armed
 # every period (measured: scripts/memprobe.py showed its Dashboard surviving).
-contextvars.Context().run(pn.state.schedule_task, "moe-lab-release-freed-memory", release_freed_memory,
+contextvars.Context().run(pn.state.schedule_task, "moe-lab-release-freed-memory", release_when_quiet,
                           period=f"{RELEASE_PERIOD_S}s")
 dashboard = Dashboard()
 # BootstrapTemplate: every resource it needs is bundled with Panel, so the page works offline

@@ -25,6 +25,8 @@ RECIPE_LABELS = {
     "untrained": "untrained",
 }
 RELEASE_PERIOD_S = 30       # how often the server hands freed memory back to the OS (release_freed_memory)
+QUIET_S = 20                # ... when nobody has routed anything for this long (release_when_quiet)
+_last_activity = [0.0]      # time.monotonic() of the last routing in this process
 MAX_TEXT_CHARS = 200_000  # longer pastes are cut before tokenising (the token limit cuts again)
 
 
@@ -82,6 +84,19 @@ def release_freed_memory() -> bool:
     RELEASE_PERIOD_S seconds, once per server process."""
     trim = _libc_malloc_trim()
     return bool(trim(0)) if trim is not None else False
+
+
+def release_when_quiet(quiet_s: float = QUIET_S) -> bool:
+    """release_freed_memory, but only once nobody has routed anything for `quiet_s` seconds.
+
+    malloc_trim holds each arena's lock while it walks it, on the event-loop thread: with 60
+    sessions open it took 1.3-2.9 s (scripts/loadtest.py, asyncio slow-callback log), a stall
+    every student felt as a late update. In the middle of a lesson there is little to give back
+    anyway; when the class stops (or leaves), the memory is returned.
+    """
+    if time.monotonic() - _last_activity[0] < quiet_s:
+        return False
+    return release_freed_memory()
 
 
 class RouterState(param.Parameterized):
@@ -237,6 +252,7 @@ class RouterState(param.Parameterized):
             self.param.update(error="The text is empty: type or paste something to route.")
             return None
         t0 = time.perf_counter()
+        _last_activity[0] = time.monotonic()
         try:
             res = route_text(self.model, text, max_tokens=MAX_TOKENS, truncate=True, **self.request())
         except ValueError as e:
@@ -257,4 +273,5 @@ class RouterState(param.Parameterized):
         return list(range(n)) if self.layer == "all" else [int(self.layer)]
 
 
-__all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS", "release_freed_memory"]
+__all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS", "release_freed_memory",
+           "release_when_quiet"]
