@@ -120,7 +120,9 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError("a mixture of experts needs at least 1 expert (N >= 1), got N = 0")
     if T < 1:
         raise ValueError("there are no tokens to route (T = 0)")
-    if not torch.isfinite(logits).all():
+    # a NaN or infinity anywhere makes the sum non-finite: one cheap reduction, and the exact
+    # element-wise check only then (a finite sum can still overflow for absurd logits: checked too)
+    if not torch.isfinite(logits.sum()) and not torch.isfinite(logits).all():
         raise ValueError("router logits contain NaN or infinity; the router weights or inputs are broken")
 
 
@@ -238,8 +240,8 @@ def load_balance_loss(probs: Tensor, chosen: Tensor) -> Tensor:
     by a uniform router, equal to N when every token goes to one expert.
     """
     N = probs.shape[1]
-    chosen = chosen.float()
-    f = chosen.sum(0) / chosen.sum().clamp(min=1.0)
+    counts = chosen.sum(0, dtype=probs.dtype)           # per expert, without a float copy of the mask
+    f = counts / counts.sum().clamp(min=1.0)
     P = probs.mean(0)
     return N * (f * P).sum()
 
@@ -251,6 +253,19 @@ def z_loss(logits: Tensor) -> Tensor:
     low precision; computed on the raw logits, not on probabilities.
     """
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+def _softmax_and_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """softmax(logits) and logsumexp(logits) [T] from one exp pass (logits already checked finite).
+
+    The same numbers as `softmax` and `z_loss`'s logsumexp, which would each take their own pass
+    (torch.logsumexp also guards against infinities we have already ruled out).
+    """
+    x = logits.float()
+    m = x.amax(dim=-1, keepdim=True).detach()          # any constant works; the max keeps exp() <= 1
+    e = (x - m).exp()
+    s = e.sum(dim=-1, keepdim=True)
+    return e / s, (m + s.log()).squeeze(-1)
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -309,11 +324,11 @@ def softmax_topk(logits: Tensor, k: int, *, normalize: bool = True) -> Routing:
     _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
-    probs = logits.float().softmax(dim=-1)
+    probs, lse = _softmax_and_lse(logits)
     top_p, top_i = _topk_lowest_index(probs, k)
     weights = top_p / top_p.sum(-1, keepdim=True) if normalize else top_p
     chosen = _choice_mask(top_i, N)
-    aux = {"load_balance": load_balance_loss(probs, chosen)}
+    aux = {"load_balance": load_balance_loss(probs, chosen), "z_loss": lse.square().mean()}
     keep = torch.ones_like(top_i, dtype=torch.bool)
     return _finish("softmax_topk", probs, logits, top_i, keep, weights, None, aux, chosen=chosen)
 

@@ -93,6 +93,47 @@ def test_gradients_reach_router_and_the_chosen_experts_only():
         assert (layer.experts.w_in.grad[unused] == 0).all()
 
 
+def test_experts_shared_out_over_threads_give_the_same_outputs_and_gradients(monkeypatch):
+    """Many experts and enough tokens: Experts.forward runs them on threads; nothing may change."""
+    import moe_core.layer as L
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    ran_on = []
+    real = L.Experts._experts_on_threads
+
+    def spy(self, *a, **kw):
+        outs = real(self, *a, **kw)
+        ran_on.append(any(o.grad_fn is not None for o in outs))     # did the threads record autograd?
+        return outs
+
+    monkeypatch.setattr(L.Experts, "_experts_on_threads", spy)
+    try:
+        torch.manual_seed(0)
+        layer = MoELayer(32, 48, 32, 2)
+        x = torch.randn(2, 600, 32)                      # 2400 (token, expert) rows over 32 experts
+        y, r = layer(x)
+        assert ran_on, "the threaded path did not run"
+        y.square().sum().backward()
+        g = {n: p.grad.clone() for n, p in layer.named_parameters()}
+        layer.zero_grad()
+        ref, _ = layer.forward_reference(x, r)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+        monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 10**9)   # the same layer in one thread
+        y1, _ = layer(x)
+        y1.square().sum().backward()
+        for n, p in layer.named_parameters():
+            torch.testing.assert_close(g[n], p.grad, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():                         # the callers' grad mode reaches the threads
+            monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 16)
+            n_before = len(ran_on)
+            y2, _ = layer(x)
+            assert len(ran_on) == n_before + 1 and ran_on[-1] is False and y2.grad_fn is None
+        assert ran_on[0] is True                          # with grad: the experts' outputs are in the graph
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bad_layer_settings():
     with pytest.raises(ValueError, match="at least 1"):
         MoELayer(16, 24, 0, 1)
