@@ -10,18 +10,23 @@ import panel as pn
 
 from app.dashboard import CSS, Dashboard
 from app.quiz import warm as warm_quiz
-from app.state import RELEASE_PERIOD_S, preload_models, release_when_quiet
+from app.state import (RELEASE_PERIOD_S, bound_route_threads, defer_full_collections, housekeeping,
+                       preload_models)
 
 pn.extension("katex", notifications=True, raw_css=[CSS])
 
 preload_models()                  # once per process: later sessions find them cached
 pn.state.as_cached("quiz-warm", warm_quiz)   # every quiz answer computed once per process, not per student
-# once per process (schedule_task ignores the repeats): give the pages glibc keeps after sessions and routings
-# are freed back to the OS once nobody is routing, so RSS follows what is alive (issue #8; see release_when_quiet). From
-# an EMPTY contextvars context: the IOLoop timer copies the current context, and this one holds this session's
-# document (Panel's curdoc is a ContextVar), so the first session would otherwise stay alive forever, re-armed
-# every period (measured: scripts/memprobe.py showed its Dashboard surviving).
-contextvars.Context().run(pn.state.schedule_task, "moe-lab-release-freed-memory", release_when_quiet,
+# Full garbage collections and giving freed pages back to the OS stall every session for a second or more
+# with a class connected: they run in `housekeeping`, when nobody is routing (at the latest every 2 min), not
+# when CPython or we happen to be allocating (issues #7, #8; see app/state.py). Once per process
+# (schedule_task ignores the repeats), from an EMPTY contextvars context: the IOLoop timer copies the current
+# context, and this one holds this session's document (Panel's curdoc is a ContextVar), so the first session
+# would otherwise stay alive forever, re-armed every period (measured: scripts/memprobe.py showed its
+# Dashboard surviving).
+defer_full_collections()
+bound_route_threads()             # small routings on one core each: see app/state.py
+contextvars.Context().run(pn.state.schedule_task, "moe-lab-release-freed-memory", housekeeping,
                           period=f"{RELEASE_PERIOD_S}s")
 dashboard = Dashboard()
 # BootstrapTemplate: every resource it needs is bundled with Panel, so the page works offline

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import json
+import os
 import time
 from functools import lru_cache
 
 import param
+import torch
 
 from moe_core.checkpoint import ASSETS, list_checkpoints, load
 from moe_core.inference import MAX_TOKENS, RouteResult, route_text
@@ -25,8 +28,10 @@ RECIPE_LABELS = {
     "untrained": "untrained",
 }
 RELEASE_PERIOD_S = 30       # how often the server hands freed memory back to the OS (release_freed_memory)
-QUIET_S = 20                # ... when nobody has routed anything for this long (release_when_quiet)
+QUIET_S = 20                # ... when nobody has routed anything for this long (housekeeping)
+FULL_GC_EVERY_S = 120       # a busy server still runs a full garbage collection this often
 _last_activity = [0.0]      # time.monotonic() of the last routing in this process
+_last_full_gc = [time.monotonic()]
 MAX_TEXT_CHARS = 200_000  # longer pastes are cut before tokenising (the token limit cuts again)
 
 
@@ -86,17 +91,53 @@ def release_freed_memory() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
-def release_when_quiet(quiet_s: float = QUIET_S) -> bool:
-    """release_freed_memory, but only once nobody has routed anything for `quiet_s` seconds.
+def defer_full_collections() -> None:
+    """Stop CPython from starting full (generation 2) garbage collections by itself; see housekeeping.
 
-    malloc_trim holds each arena's lock while it walks it, on the event-loop thread: with 60
-    sessions open it took 1.3-2.9 s (scripts/loadtest.py, asyncio slow-callback log), a stall
-    every student felt as a late update. In the middle of a lesson there is little to give back
-    anyway; when the class stops (or leaves), the memory is returned.
+    A full collection walks every tracked object of the process: 0.14 s for 312,000 objects
+    with a few sessions open, 0.8-1.6 s with 60, every ~20 s while a class was busy
+    (gc.callbacks in scripts/loadtest.py's server), and the event loop stalled each time.
+    Young collections (generations 0 and 1) keep their thresholds. Idempotent.
     """
-    if time.monotonic() - _last_activity[0] < quiet_s:
-        return False
-    return release_freed_memory()
+    t0, t1, _ = gc.get_threshold()
+    gc.set_threshold(t0, t1, 2**31 - 1)
+
+
+ROUTE_THREADS = int(os.environ.get("MOE_LAB_ROUTE_THREADS", "1"))
+
+
+def bound_route_threads(threads: int = ROUTE_THREADS) -> None:
+    """PyTorch threads for the server's routings (env MOE_LAB_ROUTE_THREADS, default 1). Idempotent.
+
+    A student's text is tens to hundreds of tokens: its matrices are too small to gain from a
+    second core, and with a class connected the other core is busy, so every small matmul's
+    OpenMP team waited for it (py-spy, 60 sessions: the experts' matmuls were 16 % of the busy
+    server's time, 20 ms per routing of ~50 tokens). One thread per routing also keeps one
+    session from taking every core from the others (issue #7).
+    """
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def housekeeping(quiet_s: float = QUIET_S, full_gc_every_s: float = FULL_GC_EVERY_S) -> dict:
+    """The server's periodic clean-up (app/main.py runs it every RELEASE_PERIOD_S seconds).
+
+    Once nobody has routed anything for `quiet_s` seconds: a full garbage collection (closed
+    sessions' documents are reference cycles) and release_freed_memory. While students are
+    busy, only a full collection every `full_gc_every_s` seconds, and no malloc_trim: that
+    holds each arena's lock while it walks it, on the event-loop thread, and took 1.3-2.9 s
+    with 60 sessions open (asyncio slow-callback log), a stall every student felt as a late
+    update. Returns what it did.
+    """
+    now = time.monotonic()
+    quiet = now - _last_activity[0] >= quiet_s
+    done = {"collected": None, "released": False}
+    if quiet or now - _last_full_gc[0] >= full_gc_every_s:
+        done["collected"] = gc.collect()
+        _last_full_gc[0] = now
+    if quiet:
+        done["released"] = release_freed_memory()
+    return done
 
 
 class RouterState(param.Parameterized):
@@ -274,4 +315,5 @@ class RouterState(param.Parameterized):
 
 
 __all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS", "release_freed_memory",
-           "release_when_quiet"]
+           "housekeeping", "defer_full_collections",
+           "bound_route_threads"]

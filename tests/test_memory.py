@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from scripts.memprobe import AppServer, Opener, live_counts
 
@@ -29,9 +31,14 @@ def server():
 
     curstate()      # bokeh's process-wide default document: made once, lazily, by the first session; not a leak
     before = live_counts(SESSION_TYPES)         # what other tests in this process may still hold
+    threads, gc_threshold = torch.get_num_threads(), gc.get_threshold()
     srv = AppServer(unused_lifetime_ms=1000, check_ms=200)
     yield srv, before
     srv.stop()
+    # app/main.py tunes the process for serving (one PyTorch thread per routing, deferred full GCs):
+    # the tests that follow in this process get the defaults back
+    torch.set_num_threads(threads)
+    gc.set_threshold(*gc_threshold)
 
 
 def cycle(srv, mode: str, n: int, batch: int) -> None:
@@ -87,7 +94,7 @@ def test_the_first_session_is_not_kept_by_process_wide_tasks(server):
 
     cycle(srv, "http", 1, batch=1)
     assert any(k.endswith("moe-lab-release-freed-memory") for k in state._scheduled), \
-        "app/main.py no longer schedules release_freed_memory"
+        "app/main.py no longer schedules its housekeeping"
     assert_nothing_kept(before)
 
 
@@ -101,17 +108,32 @@ def test_closed_browser_sessions_leave_nothing_alive(server):
     assert_nothing_kept(before)
 
 
-def test_memory_is_released_only_when_nobody_is_routing(monkeypatch):
-    """malloc_trim stalls the event loop for seconds under a big heap: never in the middle of a lesson."""
+def test_housekeeping_waits_for_a_quiet_moment(monkeypatch):
+    """Full collections and malloc_trim stall the event loop for seconds with a class connected:
+    they run once nobody is routing, and a busy server only collects at most every FULL_GC_EVERY_S."""
+    import gc
+
     import app.state as S
 
-    calls = []
-    monkeypatch.setattr(S, "release_freed_memory", lambda: calls.append(1) or True)
+    released = []
+    monkeypatch.setattr(S, "release_freed_memory", lambda: released.append(1) or True)
     st = S.RouterState(text="the ferry left at dawn")
-    st.route()
+    st.route()                                               # someone routed just now
     assert st.result is not None
-    assert S.release_when_quiet(quiet_s=60) is False and calls == []     # someone routed just now
-    assert S.release_when_quiet(quiet_s=0) is True and calls == [1]      # quiet: released
+    S._last_full_gc[0] = time.monotonic()
+    assert S.housekeeping(quiet_s=60, full_gc_every_s=60) == {"collected": None, "released": False}
+    S._last_full_gc[0] = time.monotonic() - 61             # busy for over a minute: collect, do not trim
+    done = S.housekeeping(quiet_s=60, full_gc_every_s=60)
+    assert isinstance(done["collected"], int) and done["released"] is False and released == []
+    done = S.housekeeping(quiet_s=0, full_gc_every_s=60)    # quiet: both
+    assert isinstance(done["collected"], int) and done["released"] is True and released == [1]
+    before = gc.get_threshold()
+    try:
+        S.defer_full_collections()
+        t = gc.get_threshold()
+        assert t[:2] == before[:2] and t[2] > 10**6           # young generations unchanged; no automatic full GC
+    finally:
+        gc.set_threshold(*before)
 
 
 def test_release_freed_memory_is_safe_to_call():
