@@ -13,7 +13,6 @@ from pathlib import Path
 
 import panel as pn
 import param
-from panel.pane.markup import HTMLBasePane
 
 from moe_core.checkpoint import ASSETS
 from moe_core.explain import router_walkthrough
@@ -77,8 +76,7 @@ class Dashboard(pn.viewable.Viewer):
         url_messages += apply_to_state(s, settings)
         self.lessons = LessonState(s)
         self._cards: dict[str, pn.Card] = {}
-        self._hold_routing = self._route_pending = False
-        self._roots: list = []
+        self._hold_routing = self._route_pending = self._restyled = False
         self._walk_cache = None
         s.param.watch(self._route, ["text", "n_experts", "variant", "top_k", "scheme", "capacity_factor"])
         s.param.watch(self._redraw, ["result", "layer"])
@@ -88,7 +86,6 @@ class Dashboard(pn.viewable.Viewer):
         self._build_widgets()
         self._build_views()
         s.route()                 # draws through the `result` watcher
-        pn.state.onload(self._settle_styles)
         if url_messages:
             pn.state.onload(lambda: [notify("warning", m) for m in url_messages])
 
@@ -200,7 +197,7 @@ class Dashboard(pn.viewable.Viewer):
         if text != self.state.text:
             self.state.text = text
         elif force:
-            self.state.route()
+            self._route_now()
 
     # -- views -------------------------------------------------------------------
 
@@ -291,7 +288,25 @@ class Dashboard(pn.viewable.Viewer):
         if self._hold_routing:
             self._route_pending = True
             return
-        self.state.route()
+        self._route_now()
+
+    def _route_now(self):
+        """Route, and let the views follow. The session's FIRST routing is frozen into one re-index.
+
+        Panel 1.9 renders an HTML pane with its Card's design modifiers (margin, stylesheets) but
+        re-derives them without the Card on an `object` update, so the first update of each pane
+        swaps its stylesheet models, and Bokeh re-indexes the whole document once per such pane
+        (measured: 0.41 s for a session's first routing, 0.15 s for later ones). Later updates
+        change no model references, and a freeze there would only add a re-index (~50 ms).
+        (Re-sending every pane once at page load settles them all, but cost each browser ~3 s of
+        re-rendering after the page loaded: tried, measured, not kept.)
+        """
+        if self._restyled:
+            self.state.route()
+            return
+        self._restyled = True
+        with pn.io.hold(freeze=True):
+            self.state.route()
 
     @contextmanager
     def _one_route(self):
@@ -304,7 +319,7 @@ class Dashboard(pn.viewable.Viewer):
             self._hold_routing = False
             if self._route_pending:
                 self._route_pending = False
-                self.state.route()
+                self._route_now()
 
     def _walkthrough(self, model, text, token, layer, **request):
         """router_walkthrough, remembered for the last request (the lesson text and the walkthrough
@@ -446,9 +461,7 @@ class Dashboard(pn.viewable.Viewer):
         ]
 
     def sidebar(self):
-        view = pn.Column(*self.controls(), sizing_mode="stretch_width", name="controls")
-        self._roots.append(view)
-        return view
+        return pn.Column(*self.controls(), sizing_mode="stretch_width", name="controls")
 
     def input_row(self):
         return pn.Column(
@@ -574,26 +587,7 @@ class Dashboard(pn.viewable.Viewer):
         if self.page.get("lesson"):
             step = self.page.get("step", 1) - 1
             pn.state.onload(lambda: self._start_lesson(self.page["lesson"], step))
-        view = pn.Column(self.lesson_bar, self.tabs, self.page_control, sizing_mode="stretch_width")
-        self._roots.append(view)
-        return view
-
-    def _settle_styles(self):
-        """Re-send every HTML pane once, as soon as the page has loaded, in one frozen batch.
-
-        Panel 1.9 renders an HTML pane with its Card's design modifiers (margin, stylesheets) but
-        re-derives them without the Card on every `object` update, and the page's stylesheet cache
-        is reset once the browser connects; so the first update of each pane, whenever it comes,
-        swaps its stylesheet models and Bokeh re-indexes the whole document for it (~50 ms each;
-        py-spy, 60 sessions: 15 % of the busy server's time). Settled here, for one re-index per
-        session, later updates change no model references. Card titles are never updated, and
-        keep the look the Card gives them (bold).
-        """
-        with pn.io.hold(freeze=True):
-            for root in self._roots:
-                for pane in root.select(HTMLBasePane):
-                    if "card-title" not in pane.css_classes:
-                        pane.param.trigger("object")
+        return pn.Column(self.lesson_bar, self.tabs, self.page_control, sizing_mode="stretch_width")
 
     def build_tab(self, name: str):
         """Build a tab's views now (first opening); later calls do nothing."""
