@@ -216,12 +216,15 @@ def _compact(choices: Tensor, keep: Tensor, values: Tensor) -> tuple[Tensor, Ten
     return idx, w
 
 
+def _combine(indices: Tensor, weights: Tensor, n_experts: int) -> Tensor:
+    """[T, kmax] (index, weight) pairs, -1 padded -> dense combine weights [T, N]."""
+    combine = torch.zeros(indices.shape[0], n_experts, dtype=weights.dtype, device=weights.device)
+    return combine.scatter_add(1, indices.clamp(min=0), torch.where(indices >= 0, weights, torch.zeros_like(weights)))
+
+
 def _scatter(indices: Tensor, weights: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     """[T, kmax] (index, weight) pairs -> dense combine [T, N] and dispatch [T, N]."""
-    valid = indices >= 0
-    combine = torch.zeros(indices.shape[0], n_experts, dtype=weights.dtype, device=weights.device)
-    combine = combine.scatter_add(1, indices.clamp(min=0), torch.where(valid, weights, torch.zeros_like(weights)))
-    return combine, _choice_mask(indices, n_experts)
+    return _combine(indices, weights, n_experts), _choice_mask(indices, n_experts)
 
 
 def _choice_mask(choices: Tensor, n_experts: int) -> Tensor:
@@ -285,9 +288,7 @@ def _finish(scheme, probs, logits, choices, keep, choice_weights, capacity, aux,
     chosen = _choice_mask(choices, N) if chosen is None else chosen
     if bool(keep.all()):                   # nothing dropped (dropless schemes, or capacity to spare)
         indices, weights = choices, torch.where(choices >= 0, choice_weights, torch.zeros_like(choice_weights))
-        combine = torch.zeros(choices.shape[0], N, dtype=weights.dtype, device=weights.device)
-        combine = combine.scatter_add(1, choices.clamp(min=0), weights)
-        dispatch, dropped = chosen, torch.zeros_like(chosen)
+        combine, dispatch, dropped = _combine(indices, weights, N), chosen, torch.zeros_like(chosen)
     else:
         indices, weights = _compact(choices, keep, choice_weights)
         combine, dispatch = _scatter(indices, weights, N)
