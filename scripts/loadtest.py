@@ -123,7 +123,7 @@ class Server:
 
     def __init__(self, port: int = 0, num_procs: int = 1, extra: list[str] | None = None,
                  origins: list[str] | None = None, warm: bool = True, cmd: list[str] | None = None,
-                 app: str = "app/main.py"):
+                 app: str = "app/main.py", server_env: dict | None = None):
         if num_procs > 1 and port == 0:
             port = free_port()        # forked workers must share one known port
         flags = SERVE_FLAGS if warm else [f for f in SERVE_FLAGS if f != "--warm"]
@@ -133,6 +133,7 @@ class Server:
             for o in origins or ["*"]:
                 self.cmd += ["--allow-websocket-origin", o]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BOKEH_", "PANEL_"))}
+        env.update(server_env or {})
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env, start_new_session=True)
@@ -535,6 +536,9 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
     rng = random.Random(seed)
     loads = {"browser": [], "light": []}
     updates = {"browser": [], "light": []}
+    # an update made while others are still opening waits behind their page builds (each holds the
+    # server's event loop for about a second): reported apart from the updates once everyone is in
+    by_phase = {"arriving": [], "all_arrived": []}
     failures: list[str] = []
     end_at = [None]
 
@@ -559,11 +563,14 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
                 if end_at[0] is not None and time.monotonic() >= end_at[0]:
                     break
                 action = r.choice(["text", "k", "k"] if browser is not None else ["text", "k", "n", "scheme"])
+                phase = "arriving" if end_at[0] is None else "all_arrived"
                 try:
                     if browser is not None:
-                        updates[kind].append(await browser_act(page, action, r, timeout_s))
+                        dt = await browser_act(page, action, r, timeout_s)
                     else:
-                        updates[kind].append(await sess.act(action, r))
+                        dt = await sess.act(action, r)
+                    updates[kind].append(dt)
+                    by_phase[phase].append(dt)
                 except Exception as e:  # noqa: BLE001 - counted and reported; the student carries on
                     failures.append(f"{kind} {i} {action}: {type(e).__name__}: {str(e)[:160]}")
                     if sess is not None and sess.closed:
@@ -643,6 +650,8 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
             "page_load_browser": summary(loads["browser"]), "page_load_light": summary(loads["light"]),
             "update_browser": summary(updates["browser"]), "update_light": summary(updates["light"]),
             "update_all": summary(updates["browser"] + updates["light"]),
+            "update_while_others_arrive": summary(by_phase["arriving"]),
+            "update_once_all_arrived": summary(by_phase["all_arrived"]),
             "client_failures": len(failures), "client_failure_samples": failures[:10],
             # server CPU (all its processes): what one session's page costs, and one update (busy phase)
             "server_cpu_s_per_session_open": cpu and round((cpu1 - cpu0) / sessions, 2),
@@ -696,6 +705,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="spread the lightweight sessions over this many loopback addresses 127.0.0.2… "
                          "(through a proxy with address-sticky sessions, as many students as addresses)")
     ap.add_argument("--settle", type=float, default=30, help="seconds to wait after closing for the server to discard sessions")
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment variable for the app server(s) only, e.g. PYTHONMALLOC=malloc "
+                         "(repeatable; the clients keep this process's environment)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--client-nice", type=int, default=19,
                     help="CPU priority (nice) of the chromium pages: 19 = only CPU the server leaves idle, "
@@ -713,12 +725,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 1 or not 0 <= args.browsers <= args.sessions:
         print("--sessions must be >= 1 and 0 <= --browsers <= --sessions", file=sys.stderr)
         return 2
+    bad = [kv for kv in args.server_env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        print(f"--server-env must be NAME=VALUE, got {bad[0]!r}", file=sys.stderr)
+        return 2
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
     sys.path.insert(0, str(ROOT))
 
     res: dict = {"machine": machine(), "sessions": args.sessions, "browsers": args.browsers,
                  "light_sessions": args.sessions - args.browsers, "minutes_busy": args.minutes,
                  "think_s": list(think), "arrival_s": args.arrival,
-                 "client_nice": args.client_nice if args.browsers else None}
+                 "client_nice": args.client_nice if args.browsers else None, "server_env": server_env}
     servers: list[Server] = []
     proxy = None
     try:
@@ -731,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
 
             nginx_port = free_port()
             servers = [Server(port=free_port(), extra=[*lifetime, "--use-xheaders"], app=args.app,
-                              origins=[f"127.0.0.1:{nginx_port}"]) for _ in range(args.upstreams)]
+                              origins=[f"127.0.0.1:{nginx_port}"], server_env=server_env)
+                       for _ in range(args.upstreams)]
             for s in servers:
                 s.wait_ready(first_page=False)
             proxy = Nginx(shutil.which("nginx") or "/usr/sbin/nginx", Path(tempfile.mkdtemp(prefix="loadtest-nginx-")),
@@ -741,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
             res.update(upstreams=args.upstreams, server_cmd=" ".join(servers[0].cmd[2:]),
                        startup_ready_s=round(max(s.ready_s for s in servers), 2))
         else:
-            servers = [Server(num_procs=args.num_procs, extra=lifetime, app=args.app)]
+            servers = [Server(num_procs=args.num_procs, extra=lifetime, app=args.app, server_env=server_env)]
             server = servers[0].wait_ready()
             url, pids = server.url, [server.proc.pid]
             res.update(num_procs=args.num_procs, server_cmd=" ".join(server.cmd[2:]),

@@ -273,6 +273,9 @@ def main() -> int:
             for h in handles:
                 opener.close(h)
             done += len(handles)
+            # in ws mode each handle holds the client's own copy of the document (this process is also
+            # the client): drop them, or the last batch's copies are counted as the server's survivors
+            del handles, h
             srv.wait_sessions(0)
             curve.append(round(rss_mb(), 1))
         result["cycle_s"] = round((time.monotonic() - t0) / args.cycles, 2)
