@@ -1,6 +1,6 @@
 """Soak test: many real browser sessions using the dashboard for minutes; errors and memory.
 
-    python scripts/soak.py [--sessions 30] [--minutes 10] [--json]
+    python scripts/soak.py [--sessions 30] [--minutes 10] [--warmup-rounds 1] [--json]
 
 Starts `panel serve app/main.py`, opens --sessions pages in headless chromium
 (each page is its own Panel session) and keeps them busy in turn: new text
@@ -9,8 +9,8 @@ scheme. Reports actions done, client-side failures, server tracebacks, and the
 server's resident memory: with all sessions open at the start, after a warm-up
 round (every page does each kind of action once, so what a session builds on
 first use exists; one page routes the longest soak texts with every scheme at
-every N, the process's high-water mark for routing), sampled through the soak, at the end, and after every session
-has closed. "Growth during the soak" is the end against the warm-up level: a
+every N, the process's high-water mark for routing), sampled through the soak,
+at the end, and after every session has closed. "Growth during the soak" is the end against the warm-up level: a
 leak shows as a trend there, while a session's first use of each view is a step
 the warm-up takes once (reported too, against the all-open level).
 """
@@ -191,7 +191,8 @@ def main() -> int:
         result["teardown_tracebacks"] = sum("Traceback" in line for line in log[mark:])
         result["server_error_lines"] = sum(" ERROR " in line or "ERROR:" in line for line in log[:mark])
         result["growth_during_soak_pct"] = round(100 * (result["rss_mb_end"] / result["rss_mb_warm"] - 1), 1)
-        result["peak_vs_warm_pct"] = round(100 * (result["rss_mb_peak_sampled"] / result["rss_mb_warm"] - 1), 1)
+        if result["rss_mb_peak_sampled"] is not None:
+            result["peak_vs_warm_pct"] = round(100 * (result["rss_mb_peak_sampled"] / result["rss_mb_warm"] - 1), 1)
         result["growth_from_all_open_pct"] = round(100 * (result["rss_mb_end"] / result["rss_mb_all_open"] - 1), 1)
     except Exception as e:  # noqa: BLE001 - report what was measured before the failure, then fail
         result["error"] = f"{type(e).__name__}: {str(e)[:300]}"
