@@ -9,6 +9,7 @@ import contextvars
 import panel as pn
 
 from app.dashboard import CSS, Dashboard
+from app.gate import install as install_build_gate
 from app.quiz import warm as warm_quiz
 from app.state import (RELEASE_PERIOD_S, bound_route_threads, defer_full_collections, housekeeping,
                        preload_models)
@@ -28,6 +29,7 @@ defer_full_collections()
 bound_route_threads()             # small routings on one core each: see app/state.py
 contextvars.Context().run(pn.state.schedule_task, "moe-lab-release-freed-memory", housekeeping,
                           period=f"{RELEASE_PERIOD_S}s")
+install_build_gate(pn.state.curdoc.session_context)   # a class arriving at once: pages built in turn (app/gate.py)
 dashboard = Dashboard()
 # BootstrapTemplate: every resource it needs is bundled with Panel, so the page works offline
 # (FastListTemplate fetches a Google font, which fails on a classroom network without internet).
