@@ -315,5 +315,4 @@ class RouterState(param.Parameterized):
 
 
 __all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS", "release_freed_memory",
-           "housekeeping", "defer_full_collections",
-           "bound_route_threads"]
+           "housekeeping", "defer_full_collections", "bound_route_threads"]

@@ -217,14 +217,11 @@ def _compact(choices: Tensor, keep: Tensor, values: Tensor) -> tuple[Tensor, Ten
 
 
 def _combine(indices: Tensor, weights: Tensor, n_experts: int) -> Tensor:
-    """[T, kmax] (index, weight) pairs, -1 padded -> dense combine weights [T, N]."""
+    """[T, kmax] (index, weight) pairs -> dense combine weights [T, N].
+
+    Padding is index -1 with weight 0 (both callers in _finish zero it): it adds 0 to column 0."""
     combine = torch.zeros(indices.shape[0], n_experts, dtype=weights.dtype, device=weights.device)
-    return combine.scatter_add(1, indices.clamp(min=0), torch.where(indices >= 0, weights, torch.zeros_like(weights)))
-
-
-def _scatter(indices: Tensor, weights: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
-    """[T, kmax] (index, weight) pairs -> dense combine [T, N] and dispatch [T, N]."""
-    return _combine(indices, weights, n_experts), _choice_mask(indices, n_experts)
+    return combine.scatter_add(1, indices.clamp(min=0), weights)
 
 
 def _choice_mask(choices: Tensor, n_experts: int) -> Tensor:
@@ -291,7 +288,7 @@ def _finish(scheme, probs, logits, choices, keep, choice_weights, capacity, aux,
         combine, dispatch, dropped = _combine(indices, weights, N), chosen, torch.zeros_like(chosen)
     else:
         indices, weights = _compact(choices, keep, choice_weights)
-        combine, dispatch = _scatter(indices, weights, N)
+        combine, dispatch = _combine(indices, weights, N), _choice_mask(indices, N)
         dropped = chosen & ~dispatch
     aux.setdefault("z_loss", z_loss(logits))
     return Routing(

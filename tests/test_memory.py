@@ -111,8 +111,6 @@ def test_closed_browser_sessions_leave_nothing_alive(server):
 def test_housekeeping_waits_for_a_quiet_moment(monkeypatch):
     """Full collections and malloc_trim stall the event loop for seconds with a class connected:
     they run once nobody is routing, and a busy server only collects at most every FULL_GC_EVERY_S."""
-    import gc
-
     import app.state as S
 
     released = []
