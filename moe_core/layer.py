@@ -88,6 +88,26 @@ class Experts(nn.Module):
         """Run expert e alone on x [n, d_model]."""
         return self._act(x @ self.w_in[e]) @ self.w_out[e]
 
+    def _weight_views(self) -> list[tuple[Tensor, ...]]:
+        """Per expert (w_gate, w_up, w_out) views for SwiGLU, (w_in, w_out) for GELU: made in
+        three calls per forward rather than three indexing calls per expert (at N = 256, the
+        Python time per expert is what the two expert threads contend for)."""
+        w_in = self.w_in.split(self.d_ff, dim=2) if self.activation == "swiglu" else (self.w_in,)
+        return list(zip(*(w.unbind(0) for w in (*w_in, self.w_out))))
+
+    def _expert_into(self, views: tuple[Tensor, ...], x: Tensor, out: Tensor) -> Tensor:
+        """One expert (its `_weight_views` entry) on x, written into `out`, for when autograd is off
+        (the dashboard, `bench`): the gate is activated and multiplied in place and the result lands
+        in the caller's buffer, so no intermediate is copied and no torch.cat is needed."""
+        if self.activation == "swiglu":
+            w_gate, w_up, w_out = views
+            h = torch.mm(x, w_gate)
+            F.silu(h, inplace=True).mul_(torch.mm(x, w_up))
+        else:
+            w_in, w_out = views
+            h = F.gelu(torch.mm(x, w_in))
+        return torch.mm(h, w_out, out=out)
+
     def forward(self, x_sorted: Tensor, counts: list[int]) -> Tensor:
         """x_sorted [n, d_model]: tokens grouped by expert, counts[e] rows for expert e."""
         if x_sorted.is_cuda and hasattr(torch, "_grouped_mm") and x_sorted.dtype == torch.bfloat16:
@@ -99,27 +119,36 @@ class Experts(nn.Module):
         parts = torch.split(x_sorted, counts)
         active = [e for e, c in enumerate(counts) if c]
         threads = torch.get_num_threads()
-        if (x_sorted.device.type == "cpu" and threads > 1 and len(active) >= PARALLEL_MIN_EXPERTS
-                and x_sorted.shape[0] >= PARALLEL_MIN_ROWS):
-            outs = self._experts_on_threads(parts, active, threads)
+        on_threads = (x_sorted.device.type == "cpu" and threads > 1 and len(active) >= PARALLEL_MIN_EXPERTS
+                      and x_sorted.shape[0] >= PARALLEL_MIN_ROWS)
+        if not torch.is_grad_enabled():
+            out = x_sorted.new_empty(x_sorted.shape[0], self.d_model)
+            slots, views = torch.split(out, counts), self._weight_views()
+            run = lambda ids: [self._expert_into(views[e], parts[e], slots[e]) for e in ids]  # noqa: E731
+            self._experts_on_threads(run, active, threads) if on_threads else run(active)
+            return out
+        if on_threads:
+            outs = self._experts_on_threads(lambda ids: [self.expert(e, parts[e]) for e in ids], active, threads)
         else:
             outs = [self.expert(e, parts[e]) for e in active]
         return torch.cat(outs) if outs else x_sorted.new_zeros(0, self.d_model)
 
-    def _experts_on_threads(self, parts, active: list[int], threads: int) -> list[Tensor]:
+    def _experts_on_threads(self, job, active: list[int], threads: int) -> list[Tensor]:
         """Run the experts `threads` at a time, one Python thread each (matmuls release the GIL).
 
         With many experts each gets few tokens (64 at N = 256 here), and a small matmul
         splits badly over cores: measured on 2 cores, 2 threads inside each matmul made
-        N = 256 take 1.8-2.2x the time of N = 8; giving each core whole experts keeps it
-        within 1.2-1.4x, the CPU's version of what a grouped GEMM does on a GPU.
+        N = 256 take 1.8-2.2x the time of N = 8; giving each core whole experts (each worker
+        single-threaded, see `_expert_pool`) keeps the layer within 1.44-1.52x, the CPU's
+        version of what a grouped GEMM does on a GPU.
         Grad and inference mode are per thread in PyTorch, so the callers' are passed on.
+        `job(ids)` runs the experts `ids` and returns their outputs in that order.
         """
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
         def run(ids: list[int]) -> list[tuple[int, Tensor]]:
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                return [(e, self.expert(e, parts[e])) for e in ids]
+                return list(zip(ids, job(ids)))
 
         done = dict(pair for chunk in _expert_pool(threads).map(run, [active[i::threads] for i in range(threads)])
                     for pair in chunk)
@@ -132,8 +161,12 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
 def _expert_pool(threads: int) -> ThreadPoolExecutor:
+    """`threads` workers, each running its matmuls on its own core: torch's thread count is per
+    thread, and a worker left at the process's count would start a team of that many inside
+    every matmul, so 2 workers ran 4 threads on 2 cores and spun (N = 256: 139 -> 107 ms here)."""
     if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="moe-experts")
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="moe-experts",
+                                             initializer=torch.set_num_threads, initargs=(1,))
     return _POOLS[threads]
 
 
@@ -330,10 +363,10 @@ class MoELayer(nn.Module):
         pair, experts = pair[order], experts[order]
         tokens = pair // idx.shape[1]
         counts = torch.bincount(experts, minlength=self.n_experts).tolist()
-        out = self.experts(x[tokens], counts)
-        w = routing.weights.reshape(-1)[pair].to(out.dtype)
+        out = self.experts(x.index_select(0, tokens), counts)   # (a row copy; x[tokens] went element by element)
+        w = routing.weights.reshape(-1)[pair].to(out.dtype)[:, None]
         y = torch.zeros_like(x, dtype=out.dtype)
-        y.index_add_(0, tokens, out * w[:, None])
+        y.index_add_(0, tokens, out * w if torch.is_grad_enabled() else out.mul_(w))
         return y.to(x.dtype)
 
     def forward_reference(self, x: Tensor, routing: Routing | None = None, **overrides) -> tuple[Tensor, Routing]:

@@ -181,13 +181,13 @@ def _topk_lowest_index(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         sel_idx = torch.arange(N, device=scores.device).expand(R, N)
     else:
         with torch.no_grad():
-            top_v, top_i = scores.topk(k, dim=-1)
-            thr = top_v[:, -1:]
-            if bool(((scores >= thr).sum(-1) == k).all()):
-                # the usual case: no row has a tie at its k-th value, so the k winners are
-                # exactly torch.topk's (one compare instead of the cumsum below; 2x faster at N = 256)
-                sel_idx = top_i.sort(dim=-1).values
+            top_v, top_i = scores.topk(k + 1, dim=-1)        # k < N here
+            if bool((top_v[:, k - 1] > top_v[:, k]).all()):
+                # the usual case: in every row the k-th value beats the (k+1)-th, so the k winners
+                # are exactly torch.topk's (no pass over the whole [R, N] scores for ties)
+                sel_idx = top_i[:, :k].sort(dim=-1).values
             else:
+                thr = top_v[:, k - 1 : k]
                 above = scores > thr
                 tied = scores == thr
                 need = k - above.sum(-1, keepdim=True)
@@ -221,11 +221,14 @@ def _combine(indices: Tensor, weights: Tensor, n_experts: int) -> Tensor:
 
     Padding is index -1 with weight 0 (both callers in _finish zero it): it adds 0 to column 0."""
     combine = torch.zeros(indices.shape[0], n_experts, dtype=weights.dtype, device=weights.device)
-    return combine.scatter_add(1, indices.clamp(min=0), weights)
+    return combine.scatter_add_(1, indices.clamp(min=0), weights)
 
 
 def _choice_mask(choices: Tensor, n_experts: int) -> Tensor:
     """[T, kmax] choices (-1 padded) -> [T, N] bool mask of chosen experts."""
+    if bool((choices >= 0).all()):                        # no padding: scatter straight into [T, N]
+        return torch.zeros(choices.shape[0], n_experts, dtype=torch.bool,
+                           device=choices.device).scatter_(1, choices, True)
     # padding goes to an extra column that is cut off: one bool scatter, no [T, N] long buffer
     mask = torch.zeros(choices.shape[0], n_experts + 1, dtype=torch.bool, device=choices.device)
     mask.scatter_(1, torch.where(choices >= 0, choices, n_experts), True)
@@ -239,8 +242,12 @@ def load_balance_loss(probs: Tensor, chosen: Tensor) -> Tensor:
     that picked expert e; P_e: mean router score of expert e. Minimised (= 1)
     by a uniform router, equal to N when every token goes to one expert.
     """
+    return _load_balance(probs, chosen.sum(0, dtype=probs.dtype))
+
+
+def _load_balance(probs: Tensor, counts: Tensor) -> Tensor:
+    """`load_balance_loss` from the number of choices per expert [N] (cheaper than a [T, N] mask)."""
     N = probs.shape[1]
-    counts = chosen.sum(0, dtype=probs.dtype)           # per expert, without a float copy of the mask
     f = counts / counts.sum().clamp(min=1.0)
     P = probs.mean(0)
     return N * (f * P).sum()
@@ -255,17 +262,16 @@ def z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
-def _softmax_and_lse(logits: Tensor) -> tuple[Tensor, Tensor]:
-    """softmax(logits) and logsumexp(logits) [T] from one exp pass (logits already checked finite).
+def _z_loss_from_top(logits: Tensor, p_top: Tensor, i_top: Tensor) -> Tensor:
+    """z_loss(logits) from the softmax the scheme already computed, without a second exp pass.
 
-    The same numbers as `softmax` and `z_loss`'s logsumexp, which would each take their own pass
-    (torch.logsumexp also guards against infinities we have already ruled out).
+    p_top [T, 1] = softmax(l_t) at the token's most probable expert i_top [T, 1]:
+    p_top = exp(l_top - logsumexp(l_t)), so logsumexp(l_t) = l_top - log p_top. As
+    p_top >= 1/N its log is as exact as float32 allows, and the gradient is the same
+    (d/dl [l_top - log softmax(l)_top] = softmax(l)).
     """
-    x = logits.float()
-    m = x.amax(dim=-1, keepdim=True).detach()          # any constant works; the max keeps exp() <= 1
-    e = (x - m).exp()
-    s = e.sum(dim=-1, keepdim=True)
-    return e / s, (m + s.log()).squeeze(-1)
+    lse = logits.float().gather(1, i_top) - p_top.log()
+    return lse.square().mean()
 
 
 def cv_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -290,7 +296,8 @@ def _finish(scheme, probs, logits, choices, keep, choice_weights, capacity, aux,
         indices, weights = _compact(choices, keep, choice_weights)
         combine, dispatch = _combine(indices, weights, N), _choice_mask(indices, N)
         dropped = chosen & ~dispatch
-    aux.setdefault("z_loss", z_loss(logits))
+    if "z_loss" not in aux:                # (not setdefault: that would compute it every time)
+        aux["z_loss"] = z_loss(logits)
     return Routing(
         scheme=scheme, combine=combine, dispatch=dispatch, indices=indices, weights=weights,
         probs=probs, dropped=dropped, capacity=capacity, aux=aux, choices=choices, logits=logits,
@@ -322,11 +329,12 @@ def softmax_topk(logits: Tensor, k: int, *, normalize: bool = True) -> Routing:
     _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
-    probs, lse = _softmax_and_lse(logits)
+    probs = logits.float().softmax(dim=-1)
     top_p, top_i = _topk_lowest_index(probs, k)
     weights = top_p / top_p.sum(-1, keepdim=True) if normalize else top_p
     chosen = _choice_mask(top_i, N)
-    aux = {"load_balance": load_balance_loss(probs, chosen), "z_loss": lse.square().mean()}
+    counts = torch.bincount(top_i.reshape(-1), minlength=N).to(probs.dtype)
+    aux = {"load_balance": _load_balance(probs, counts), "z_loss": _z_loss_from_top(logits, top_p[:, :1], top_i[:, :1])}
     keep = torch.ones_like(top_i, dtype=torch.bool)
     return _finish("softmax_topk", probs, logits, top_i, keep, weights, None, aux, chosen=chosen)
 
@@ -410,7 +418,7 @@ def switch(logits: Tensor, *, capacity: int | None = None, capacity_factor: floa
     loc = _slots(mask1).gather(1, e1[:, None])  # [T, 1]
     keep = loc < C
     gate = probs.gather(1, e1[:, None])
-    aux = {"load_balance": load_balance_loss(probs, mask1)}
+    aux = {"load_balance": load_balance_loss(probs, mask1), "z_loss": _z_loss_from_top(logits, gate, e1[:, None])}
     return _finish("switch", probs, logits, e1[:, None], keep, gate, C, aux)
 
 
@@ -482,7 +490,7 @@ def gshard(
     choices = torch.cat([e1[:, None], torch.where(use2, e2[:, None], -1)], dim=1)
     keep = torch.cat([keep1, keep2], dim=1)
     w = torch.cat([d1 / denom, d2 / denom], dim=1)
-    aux = {"load_balance": load_balance_loss(probs, mask1)}
+    aux = {"load_balance": load_balance_loss(probs, mask1), "z_loss": _z_loss_from_top(logits, g1, e1[:, None])}
     return _finish("gshard", probs, logits, choices, keep, w, C, aux)
 
 

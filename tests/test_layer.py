@@ -35,6 +35,35 @@ def test_vectorised_dispatch_equals_reference_loop(scheme, n_shared, shape):
     assert torch.allclose(y, y_ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_inference_path_equals_reference_loop(mode, activation, threaded, monkeypatch):
+    """With autograd off the experts write into one buffer and scale it in place (the dashboard's and
+    bench's path); it must give the training path's numbers, on one thread and on the expert threads."""
+    import moe_core.layer as L
+
+    if threaded:
+        monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 2)
+        monkeypatch.setattr(L, "PARALLEL_MIN_ROWS", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threaded else 1)
+    try:
+        torch.manual_seed(0)
+        layer = MoELayer(16, 24, 6, 2, n_shared=1, activation=activation)
+        x = torch.randn(3, 40, 16)
+        y_grad, r = layer(x)                             # autograd on: the training path
+        y_ref, _ = layer.forward_reference(x, r)
+        ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+        with ctx:
+            y, r2 = layer(x)
+        assert y.grad_fn is None and torch.equal(r2.indices, r.indices)
+        torch.testing.assert_close(y, y_grad.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, y_ref.detach(), rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_reference_loop_matches_the_textbook_formula():
     layer = make_layer(n_shared=1)
     x = torch.randn(7, 16)
@@ -91,6 +120,22 @@ def test_gradients_reach_router_and_the_chosen_experts_only():
     unused = ~r.dispatch.any(0)
     if unused.any():
         assert (layer.experts.w_in.grad[unused] == 0).all()
+
+
+def test_expert_threads_each_run_one_core_and_leave_the_callers_thread_count():
+    """Each expert worker runs its matmuls single-threaded (a worker at the process's thread count
+    would start a team inside every matmul: threads on top of threads, spinning); the caller keeps its own."""
+    import moe_core.layer as L
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        pool = L._expert_pool(2)
+        seen = set(pool.map(lambda _: torch.get_num_threads(), range(8)))
+        assert seen == {1}
+        assert torch.get_num_threads() == max(2, threads)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_experts_shared_out_over_threads_give_the_same_outputs_and_gradients(monkeypatch):

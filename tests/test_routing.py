@@ -168,6 +168,22 @@ def test_losses_on_uniform_and_collapsed_routers():
     assert z_loss(collapsed).item() == pytest.approx(30.0 ** 2, rel=1e-3)
 
 
+@pytest.mark.parametrize("scheme,kw", [("softmax_topk", {"k": 2}), ("softmax_topk", {"k": 1}), ("switch", {}),
+                                       ("gshard", {}), ("expert_choice", {}), ("deepseek", {"k": 2})])
+def test_every_schemes_z_loss_is_the_st_moe_formula_in_value_and_gradient(scheme, kw):
+    """Some schemes take logsumexp from the softmax they already computed (l_max - log p_max):
+    value and gradient must be those of z_loss(logits) = mean logsumexp(l)^2, for small and huge logits."""
+    torch.manual_seed(0)
+    for scale in (0.01, 1.0, 40.0):
+        logits = (torch.randn(50, 16, dtype=torch.float64) * scale).float().requires_grad_()
+        got = route(logits, scheme, **kw).aux["z_loss"]
+        (g_got,) = torch.autograd.grad(got, logits)
+        want = z_loss(logits)
+        (g_want,) = torch.autograd.grad(want, logits)
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-7)
+
+
 def test_capacity_formula():
     assert expert_capacity(12, 4, 1.0) == 3
     assert expert_capacity(10, 4, 1.0) == 3   # ceil(2.5)
