@@ -58,6 +58,30 @@ def _card(*objs, title: str, width: int | None = None, name: str = "", **kw):
     return pn.Card(*objs, title=title, margin=(6, 6), css_classes=classes, stylesheets=[FOCUS_CSS], **size, **kw)
 
 
+@contextmanager
+def reindex_once():
+    """Bokeh re-indexes the whole document (every model, ~570 here) each time a property that holds
+    models changes; inside this block it does so at most once, at the end, and only if something asked.
+
+    `doc.models.freeze()` defers the same work but always re-indexes when it ends. Panel 1.9 swaps an
+    HTML pane's stylesheet models on its first `object` update of a session, and again on some later
+    ones (seen for 3 panes: balance, quality, what to notice), each swap one re-index of the document.
+    Outside a served document (a notebook, tests without a server) it does nothing."""
+    doc = pn.state.curdoc
+    models = getattr(doc, "models", None)
+    if models is None or "invalidate" in vars(models):         # no document, or already inside one
+        yield
+        return
+    asked = []
+    models.invalidate = lambda: asked.append(True)            # Bokeh calls doc.models.invalidate()
+    try:
+        yield
+    finally:
+        del models.invalidate
+        if asked:
+            models.invalidate()
+
+
 def notify(kind: str, message: str) -> None:
     """A readable notification (message escaped: notifications render HTML)."""
     if pn.state.notifications is not None:
@@ -76,7 +100,7 @@ class Dashboard(pn.viewable.Viewer):
         url_messages += apply_to_state(s, settings)
         self.lessons = LessonState(s)
         self._cards: dict[str, pn.Card] = {}
-        self._hold_routing = self._route_pending = self._restyled = False
+        self._hold_routing = self._route_pending = False
         self._walk_cache = None
         s.param.watch(self._route, ["text", "n_experts", "variant", "top_k", "scheme", "capacity_factor"])
         s.param.watch(self._redraw, ["result", "layer"])
@@ -246,7 +270,7 @@ class Dashboard(pn.viewable.Viewer):
 
     def _on_select(self, *events):
         s = self.state
-        with pn.io.hold():
+        with reindex_once(), pn.io.hold():
             self.tokens.selected = s.selected_token
             self.detail.object = token_detail(s.result, s.layers_shown(), s.selected_token)
             self.heatmap.select(s.selected_token)
@@ -291,21 +315,16 @@ class Dashboard(pn.viewable.Viewer):
         self._route_now()
 
     def _route_now(self):
-        """Route, and let the views follow. The session's FIRST routing is frozen into one re-index.
+        """Route, and let the views follow, with at most one re-index of the document (`reindex_once`).
 
         Panel 1.9 renders an HTML pane with its Card's design modifiers (margin, stylesheets) but
         re-derives them without the Card on an `object` update, so the first update of each pane
-        swaps its stylesheet models, and Bokeh re-indexes the whole document once per such pane
-        (measured: 0.41 s for a session's first routing, 0.15 s for later ones). Later updates
-        change no model references, and a freeze there would only add a re-index (~50 ms).
-        (Re-sending every pane once at page load settles them all, but cost each browser ~3 s of
-        re-rendering after the page loaded: tried, measured, not kept.)
+        swaps its stylesheet models, and Bokeh would re-index the whole document once per such pane
+        (measured: 0.41 s for a session's first routing). (Re-sending every pane once at page load
+        settles them, but cost each browser ~3 s of re-rendering after the page loaded: tried,
+        measured, not kept.)
         """
-        if self._restyled:
-            self.state.route()
-            return
-        self._restyled = True
-        with pn.io.hold(freeze=True):
+        with reindex_once():
             self.state.route()
 
     @contextmanager
@@ -340,7 +359,7 @@ class Dashboard(pn.viewable.Viewer):
             return
         layers = s.layers_shown()
         info = s.model_info
-        with pn.io.hold():
+        with reindex_once(), pn.io.hold():
             self._redraw_tokens()
             self.tokens.selected = s.selected_token
             self.detail.object = token_detail(res, layers, s.selected_token)

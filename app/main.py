@@ -9,7 +9,7 @@ import contextvars
 import panel as pn
 
 from app.dashboard import CSS, Dashboard
-from app.gate import install as install_build_gate
+from app.gate import install as install_build_gate, skip_document_validation
 from app.quiz import warm as warm_quiz
 from app.state import (RELEASE_PERIOD_S, bound_route_threads, defer_full_collections, housekeeping,
                        preload_models)
@@ -27,6 +27,7 @@ pn.state.as_cached("quiz-warm", warm_quiz)   # every quiz answer computed once p
 # Dashboard surviving).
 defer_full_collections()
 bound_route_threads()             # small routings on one core each: see app/state.py
+skip_document_validation()        # Bokeh's per-session document checks: run by the tests instead
 contextvars.Context().run(pn.state.schedule_task, "moe-lab-release-freed-memory", housekeeping,
                           period=f"{RELEASE_PERIOD_S}s")
 install_build_gate(pn.state.curdoc.session_context)   # a class arriving at once: pages built in turn (app/gate.py)

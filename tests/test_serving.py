@@ -187,3 +187,31 @@ def test_procfile_server_serves_the_app_at_root_with_an_hour_long_token(cluster)
     token = loadtest.TOKEN.search(r.text).group(1)
     left = get_token_payload(token)["session_expiry"] - time.time()
     assert 3500 < left <= 3600                            # --session-token-expiration 3600
+
+
+def test_a_served_page_passes_bokehs_document_checks(app_url, monkeypatch):
+    """The server skips Bokeh's per-session document validation (`skip_document_validation`, 9 % of a
+    session's CPU); its checks run here, on a page as a student gets it, and must find nothing."""
+    import app.dashboard  # noqa: F401  (registers the app's own Bokeh models, so the page can be decoded)
+    from bokeh.client import pull_session
+    from bokeh.core.validation.check import check_integrity
+    from bokeh.settings import settings
+
+    from app.gate import skip_document_validation
+
+    session = pull_session(url=app_url)
+    try:
+        models = list(session.document.models)
+        assert len(models) > 100                             # the whole page, not an empty document
+        issues = check_integrity(models)
+        assert issues.error == [] and issues.warning == []
+    finally:
+        session.close()
+    monkeypatch.delenv("BOKEH_VALIDATE_DOC", raising=False)
+    try:
+        assert skip_document_validation() is True and settings.perform_document_validation() is False
+        settings.perform_document_validation.unset_value()
+        monkeypatch.setenv("BOKEH_VALIDATE_DOC", "true")      # a developer who wants the checks keeps them
+        assert skip_document_validation() is False
+    finally:
+        settings.perform_document_validation.unset_value()
