@@ -11,6 +11,7 @@ DeepSeek-V3's inference code for tests and for reading.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -163,10 +164,24 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 def _expert_pool(threads: int) -> ThreadPoolExecutor:
     """`threads` workers, each running its matmuls on its own core: torch's thread count is per
     thread, and a worker left at the process's count would start a team of that many inside
-    every matmul, so 2 workers ran 4 threads on 2 cores and spun (N = 256: 139 -> 107 ms here)."""
+    every matmul, so 2 workers ran 4 threads on 2 cores and spun (N = 256: 139 -> 107 ms here).
+
+    Two PyTorch details: a thread's count is set up lazily, from the last count set by ANY thread,
+    on its first parallel call (so a worker sets itself to 1 only after that); and set_num_threads
+    also sets that default for threads started later, so the caller puts its own count back once
+    every worker has started."""
     if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="moe-experts",
-                                             initializer=torch.set_num_threads, initargs=(1,))
+        def one_core():
+            torch.get_num_threads()           # PyTorch's per-thread set-up first, or it would undo the next line
+            torch.set_num_threads(1)
+
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="moe-experts", initializer=one_core)
+        started = threading.Barrier(threads + 1)
+        for _ in range(threads):              # a task each, held until all have started: every worker exists
+            pool.submit(started.wait)
+        started.wait()
+        torch.set_num_threads(threads)        # the default for threads started later, as it was
+        _POOLS[threads] = pool
     return _POOLS[threads]
 
 

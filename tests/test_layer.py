@@ -124,17 +124,27 @@ def test_gradients_reach_router_and_the_chosen_experts_only():
 
 def test_expert_threads_each_run_one_core_and_leave_the_callers_thread_count():
     """Each expert worker runs its matmuls single-threaded (a worker at the process's thread count
-    would start a team inside every matmul: threads on top of threads, spinning); the caller keeps its own."""
+    would start a team inside every matmul: threads on top of threads, spinning); the caller keeps its
+    own count, and so does a thread started afterwards (PyTorch gives new threads the last count set)."""
+    import threading
+
     import moe_core.layer as L
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
+    torch.set_num_threads(1)                      # as the served app does (and as other tests leave it)
+    torch.set_num_threads(3)
+    L._POOLS.pop(3, None)
     try:
-        pool = L._expert_pool(2)
-        seen = set(pool.map(lambda _: torch.get_num_threads(), range(8)))
-        assert seen == {1}
-        assert torch.get_num_threads() == max(2, threads)
+        pool = L._expert_pool(3)
+        assert set(pool.map(lambda _: torch.get_num_threads(), range(12))) == {1}
+        assert torch.get_num_threads() == 3
+        later = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [3]
     finally:
+        L._POOLS.pop(3).shutdown()
         torch.set_num_threads(threads)
 
 
