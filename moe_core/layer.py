@@ -126,7 +126,10 @@ class Experts(nn.Module):
             out = x_sorted.new_empty(x_sorted.shape[0], self.d_model)
             slots, views = torch.split(out, counts), self._weight_views()
             run = lambda ids: [self._expert_into(views[e], parts[e], slots[e]) for e in ids]  # noqa: E731
-            self._experts_on_threads(run, active, threads) if on_threads else run(active)
+            if on_threads:
+                self._experts_on_threads(run, active, threads)
+            else:
+                run(active)
             return out
         if on_threads:
             outs = self._experts_on_threads(lambda ids: [self.expert(e, parts[e]) for e in ids], active, threads)
