@@ -30,6 +30,20 @@ RUN_COLORS = ["#0072B2", "#D55E00"]
 RUN_DASH = ["solid", "dashed"]
 
 
+def held(handler):
+    """`handler()` as a widget callback, run with the document's events held (`pn.io.hold`).
+
+    The lab's handlers set Bokeh sources directly. A click that reaches the server while another
+    control's change waits out Panel's 50 ms debounce (a slider moved, then Train at once) is run
+    by Panel 1.9 without Bokeh's document lock, and a direct model change there raised
+    "_pending_writes should be non-None": Train then did nothing. Under a hold, Panel collects the
+    changes and sends them itself, locked or not."""
+    def callback(event=None):
+        with pn.io.hold():
+            handler()
+    return callback
+
+
 class TrainingLab(pn.viewable.Viewer):
     """Controls + live plots for one session's training job."""
 
@@ -89,12 +103,12 @@ class TrainingLab(pn.viewable.Viewer):
         self.preset.param.watch(self._on_preset, "value")
         self.scheme.param.watch(self._on_scheme, "value")
         self.n.param.watch(lambda e: setattr(self.k, "end", max(1, min(8, e.new))), "value")
-        self.train_btn.on_click(lambda e: self.start())
-        self.pause_btn.on_click(lambda e: self.toggle_pause())
+        self.train_btn.on_click(held(self.start))
+        self.pause_btn.on_click(held(self.toggle_pause))
         self.step_btn.on_click(lambda e: self.job and self.job.step(1))
-        self.reset_btn.on_click(lambda e: self.reset())
-        self.use_btn.on_click(lambda e: self.use_model())
-        self.layer.param.watch(lambda e: self._rebuild_share_plots(), "value")
+        self.reset_btn.on_click(held(self.reset))
+        self.use_btn.on_click(held(self.use_model))
+        self.layer.param.watch(held(self._rebuild_share_plots), "value")
         self._on_preset(None)
         self._set_status("idle", "Pick a recipe and press Train. The model is the shipped one made smaller "
                                  "(2 layers, d_model 64) so a minute of CPU shows the dynamics.")

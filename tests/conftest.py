@@ -71,6 +71,26 @@ class _Drain(threading.Thread):
             self.lines.append(line)
 
 
+SERVER_LOG: list[str] = []       # the session server's output lines, read as they come (see app_url)
+
+
+@pytest.fixture(autouse=True)
+def no_server_traceback(request):
+    """A browser test fails when the served app logs a traceback while it runs: a callback that
+    raised on the server can leave the page looking almost right (the lab's Train once did nothing)."""
+    if "app_url" not in request.fixturenames:
+        yield
+        return
+    start = len(SERVER_LOG)
+    yield
+    time.sleep(0.2)                                    # a callback that raised as the test ended
+    new = SERVER_LOG[start:]
+    if any("Traceback" in line for line in new):
+        at = next(i for i, line in enumerate(new) if "Traceback" in line)
+        pytest.fail("the server logged a traceback during this test:\n" + "".join(new[max(0, at - 1):at + 40]),
+                    pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def app_url():
     cmd = [sys.executable, "-m", "panel", "serve", "app/main.py", "--address", "127.0.0.1", "--port", "0",
@@ -79,6 +99,7 @@ def app_url():
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     log = _Drain(proc.stdout)
+    log.lines = SERVER_LOG
     log.start()
     base = None
     deadline = time.monotonic() + 60
