@@ -44,6 +44,41 @@ def timeit(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict, repeats: int, device: torch.device, clock=time.perf_counter,
+                      on_round=None) -> dict:
+    """ms of each fn in each of `repeats` rounds; every round runs every fn once, in turn.
+
+    Unlike `timeit` (one fn, back to back), rounds interleave the configurations, so a burst of
+    other work on a shared machine (this one shares its cores: up to 50 % steal time seen) slows
+    all of them alike instead of bending the curve at one N, and a ratio taken within a round
+    compares two configurations under the same conditions.
+    """
+    for fn in fns.values():                             # warm-up, as timeit does
+        fn()
+    _sync(device)
+    times: dict = {key: [] for key in fns}
+    for r in range(repeats):
+        for key, fn in fns.items():
+            t = clock()
+            fn()
+            _sync(device)
+            times[key].append((clock() - t) * 1e3)
+        if on_round is not None:
+            on_round(r + 1, repeats)
+    return times
+
+
+def interleaved_medians(fns: dict, repeats: int, device: torch.device, clock=time.perf_counter,
+                        on_round=None) -> dict:
+    """Median ms of each fn over `repeats` interleaved rounds (see `interleaved_times`)."""
+    return {key: statistics.median(v) for key, v in interleaved_times(fns, repeats, device, clock, on_round).items()}
+
+
+def paired_ratio(times: dict, a, b) -> float:
+    """Median over rounds of time(a) / time(b), each ratio taken within one round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
 def read_bandwidth_gbs(device: torch.device, mb: int = 256) -> float:
     """Measured memory read bandwidth: sum over a large float32 tensor."""
     x = torch.ones(mb * 1024 * 1024 // 4, device=device)
@@ -100,43 +135,47 @@ class HFStyleEagerMoE(torch.nn.Module):
 @torch.no_grad()
 def bench_layer(n_experts=(4, 8, 16, 64, 256), *, k=2, d_model=256, d_ff=512, tokens=8192,
                 device="cpu", repeats=7, dtype=torch.float32) -> dict:
+    """Every configuration (dense, and per N our layer, its router alone, the HF-style loop) is
+    timed once per round over `repeats` interleaved rounds: times are medians over rounds, ratios
+    medians of the ratios taken within each round (see `interleaved_times`)."""
     device = pick_device(device)
     torch.manual_seed(0)
     x = torch.randn(tokens, d_model, device=device, dtype=dtype)
     dense = DenseFFN(d_model, k * d_ff).to(device, dtype).eval()
-    dense_ms = timeit(lambda: dense(x), device, repeats)
     bw = read_bandwidth_gbs(device)
-    rows = []
+    fns, layers = {"dense": lambda: dense(x)}, {}
     for N in n_experts:
-        layer = MoELayer(d_model, d_ff, N, k).to(device, dtype).eval()
-        ms = timeit(lambda: layer(x), device, repeats)
+        layer = layers[N] = MoELayer(d_model, d_ff, N, k).to(device, dtype).eval()
         hf = HFStyleEagerMoE(d_model, d_ff, N, k).to(device, dtype).eval()
-        hf_ms = timeit(lambda: hf(x), device, repeats)
-        del hf
-        logits = layer.router(x)
-        route_ms = timeit(lambda: layer.route(x), device, repeats)
-        weight_bytes = layer.experts.w_in.numel() * x.element_size() + layer.experts.w_out.numel() * x.element_size()
-        floor_ms = weight_bytes / 1e9 / bw * 1e3
+        fns[("moe", N)] = lambda layer=layer: layer(x)
+        fns[("hf", N)] = lambda hf=hf: hf(x)
+        fns[("route", N)] = lambda layer=layer: layer.route(x)
+    times = interleaved_times(fns, repeats, device)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    dense_ms = med["dense"]
+    rows = []
+    for N, layer in layers.items():
+        ms = med[("moe", N)]
+        weight_bytes = (layer.experts.w_in.numel() + layer.experts.w_out.numel()) * x.element_size()
         rows.append({
-            "n_experts": N, "ms": round(ms, 2), "route_ms": round(route_ms, 2),
-            "over_dense": round(ms / dense_ms, 3),
+            "n_experts": N, "ms": round(ms, 2), "route_ms": round(med[("route", N)], 2),
+            "over_dense": round(paired_ratio(times, ("moe", N), "dense"), 3),
             "expert_weights_mb": round(weight_bytes / 2**20, 1),
-            "weight_read_floor_ms": round(floor_ms, 2),
-            "hf_style_eager_here_ms": round(hf_ms, 2),
+            "weight_read_floor_ms": round(weight_bytes / 1e9 / bw * 1e3, 2),
+            "hf_style_eager_here_ms": round(med[("hf", N)], 2),
+            "over_hf_style": round(paired_ratio(times, ("moe", N), ("hf", N)), 3),
             "hf_mixtral_eager_ms_quoted": HF_MIXTRAL_EAGER_MS.get(N),
         })
-        del layer, logits
     by_n = {r["n_experts"]: r for r in rows}
     ratios = {}
     if 64 in by_n:
         ratios["moe64_over_dense"] = by_n[64]["over_dense"]
     if 256 in by_n and 8 in by_n:
-        ratios["n256_over_n8"] = round(by_n[256]["ms"] / by_n[8]["ms"], 3)
-        extra = by_n[256]["ms"] - by_n[8]["ms"]
-        ratios["n256_extra_ms"] = round(extra, 2)
+        ratios["n256_over_n8"] = round(paired_ratio(times, ("moe", 256), ("moe", 8)), 3)
+        ratios["n256_extra_ms"] = round(by_n[256]["ms"] - by_n[8]["ms"], 2)
         ratios["n256_extra_weight_read_ms"] = round(by_n[256]["weight_read_floor_ms"] - by_n[8]["weight_read_floor_ms"], 2)
     return {"config": {"k": k, "d_model": d_model, "d_ff": d_ff, "tokens": tokens, "device": str(device),
-                       "dtype": str(dtype).replace("torch.", "")},
+                       "dtype": str(dtype).replace("torch.", ""), "rounds": repeats},
             "dense_ms": round(dense_ms, 2), "read_bandwidth_gbs": round(bw, 1), "moe": rows, "ratios": ratios}
 
 
@@ -216,12 +255,14 @@ def _format(r: dict) -> str:
                      f"k={c['k']}, {c['device']} {c['dtype']}; dense FFN (d_ff {c['k'] * c['d_ff']}) {L['dense_ms']} ms; "
                      f"read bandwidth {L['read_bandwidth_gbs']} GB/s")
         lines.append(f"{'N':>5} {'ms':>8} {'/dense':>7} {'route ms':>9} {'weights MB':>11} {'read floor ms':>14} "
-                     f"{'HF-style here':>14} {'HF quoted':>10}")
+                     f"{'HF-style here':>14} {'/HF-style':>10} {'HF quoted':>10}")
         for row in L["moe"]:
             hf = row["hf_mixtral_eager_ms_quoted"]
             lines.append(f"{row['n_experts']:>5} {row['ms']:>8} {row['over_dense']:>7} {row['route_ms']:>9} "
                          f"{row['expert_weights_mb']:>11} {row['weight_read_floor_ms']:>14} "
-                         f"{row['hf_style_eager_here_ms']:>14} {hf if hf else '':>10}")
+                         f"{row['hf_style_eager_here_ms']:>14} {row['over_hf_style']:>10} {hf if hf else '':>10}")
+        lines.append(f"  ({c['rounds']} interleaved rounds: times are medians over rounds, ratios medians of "
+                     f"within-round ratios)")
         for k_, v in L["ratios"].items():
             lines.append(f"  {k_}: {v}")
     if "train" in r:

@@ -143,7 +143,7 @@ class Experts(nn.Module):
         With many experts each gets few tokens (64 at N = 256 here), and a small matmul
         splits badly over cores: measured on 2 cores, 2 threads inside each matmul made
         N = 256 take 1.8-2.2x the time of N = 8; giving each core whole experts (each worker
-        single-threaded, see `_expert_pool`) keeps the layer within 1.44-1.52x, the CPU's
+        single-threaded, see `_expert_pool`) keeps the layer within about 1.5x, the CPU's
         version of what a grouped GEMM does on a GPU.
         Grad and inference mode are per thread in PyTorch, so the callers' are passed on.
         `job(ids)` runs the experts `ids` and returns their outputs in that order.
@@ -159,8 +159,12 @@ class Experts(nn.Module):
         return [done[e] for e in active]
 
 
-PARALLEL_MIN_EXPERTS = 16   # experts with tokens, and rows in all, before Experts.forward uses threads:
-PARALLEL_MIN_ROWS = 2048    # below that, small batches (the dashboard's texts) run faster in one thread
+# Experts with tokens, and rows in all, before Experts.forward gives whole experts to threads. Below
+# that, one expert's matmul split over the cores is faster: small batches (the dashboard's texts), and
+# few experts with many rows each. Timed in interleaved rounds (`bench.interleaved_times`), 8192 tokens,
+# k = 2, 2 cores: threads lost at N = 16 (90 vs 79 ms), were even at 32 and won from 64 on (98 vs 110).
+PARALLEL_MIN_EXPERTS = 32
+PARALLEL_MIN_ROWS = 2048
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 

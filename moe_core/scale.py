@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import _sync, machine
+from .bench import interleaved_medians, machine
 from .checkpoint import ASSETS
 from .layer import DenseFFN, MoELayer
 
@@ -74,31 +73,6 @@ def _load_avg() -> float | None:
 
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def interleaved_medians(fns: dict, repeats: int, device: torch.device, clock=time.thread_time,
-                        on_round=None) -> dict:
-    """Median ms of each fn over `repeats` rounds; every round runs every fn once, in turn.
-
-    Unlike `bench.timeit` (one fn, back to back), rounds interleave the sizes, so
-    a burst of other work on a shared server slows all sizes alike instead of
-    bending the curve at one N. The default clock is the CPU time of THIS thread:
-    with one torch thread all the arithmetic runs here, and time spent waiting
-    for a core (this thread runs at low priority) is not counted.
-    """
-    for fn in fns.values():                             # warm-up, as bench.timeit does
-        fn()
-    _sync(device)
-    times: dict = {key: [] for key in fns}
-    for r in range(repeats):
-        for key, fn in fns.items():
-            t = clock()
-            fn()
-            _sync(device)
-            times[key].append((clock() - t) * 1e3)
-        if on_round is not None:
-            on_round(r + 1, repeats)
-    return {key: statistics.median(v) for key, v in times.items()}
 
 
 @torch.no_grad()

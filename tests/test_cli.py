@@ -145,3 +145,29 @@ def test_bench_smoke_json():
     d = json.loads(out)
     assert [r["n_experts"] for r in d["layer"]["moe"]] == [4, 8]
     assert d["layer"]["dense_ms"] > 0 and all(r["ms"] > 0 for r in d["layer"]["moe"])
+    assert all(r["over_hf_style"] > 0 for r in d["layer"]["moe"]) and d["layer"]["config"]["rounds"] == 2
+
+
+def test_bench_rounds_interleave_and_ratios_are_taken_within_a_round():
+    """Every round runs every configuration once, in turn (so a burst of other work on a shared
+    machine slows them alike), and a ratio is the median of the within-round ratios."""
+    import torch
+
+    from moe_core.bench import interleaved_medians, interleaved_times, paired_ratio
+
+    calls, now = [], [0.0]
+    cost = {"a": 2.0, "b": 1.0}
+
+    def fn(name):
+        def run():
+            calls.append(name)
+            now[0] += cost[name] * (3 if len(calls) in (5, 6) else 1)   # the second round runs 3x slower
+        return run
+
+    times = interleaved_times({"a": fn("a"), "b": fn("b")}, 3, torch.device("cpu"), clock=lambda: now[0] / 1e3)
+    assert calls == ["a", "b"] * 4                                # one warm-up round, then 3 timed rounds
+    assert times == {"a": pytest.approx([2.0, 6.0, 2.0]), "b": pytest.approx([1.0, 3.0, 1.0])}
+    assert paired_ratio(times, "a", "b") == pytest.approx(2.0)                  # the slow round slowed both alike
+    calls.clear()
+    assert interleaved_medians({"a": fn("a"), "b": fn("b")}, 3, torch.device("cpu"),
+                               clock=lambda: now[0] / 1e3) == {"a": pytest.approx(2.0), "b": pytest.approx(1.0)}

@@ -163,6 +163,7 @@ def test_experts_shared_out_over_threads_give_the_same_outputs_and_gradients(mon
         return outs
 
     monkeypatch.setattr(L.Experts, "_experts_on_threads", spy)
+    monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 16)
     try:
         torch.manual_seed(0)
         layer = MoELayer(32, 48, 32, 2)
@@ -180,7 +181,7 @@ def test_experts_shared_out_over_threads_give_the_same_outputs_and_gradients(mon
         for n, p in layer.named_parameters():
             torch.testing.assert_close(g[n], p.grad, rtol=1e-5, atol=1e-6)
         with torch.no_grad():                         # the callers' grad mode reaches the threads
-            monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 16)
+            monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 16)     # (back to threads)
             n_before = len(ran_on)
             y2, _ = layer(x)
             assert len(ran_on) == n_before + 1 and ran_on[-1] is False and y2.grad_fn is None
