@@ -1,6 +1,6 @@
 # MoE Router Lab: two commands, both idempotent, both from a clean clone.
 #   make serve   set up .venv and serve the dashboard on http://localhost:5006
-#   make test    set up .venv (+ Debian chromium for browser tests) and run the whole suite
+#   make test    set up .venv (+ Debian chromium, nginx and libjemalloc2 for the tests) and run the whole suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -33,6 +33,10 @@ browser:
 	  echo "installing Debian nginx for tests/test_serving.py (the tests run their own, unprivileged, on loopback)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y nginx >/dev/null || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y nginx >/dev/null; }; }
+	@/sbin/ldconfig -p 2>/dev/null | grep -q libjemalloc || { \
+	  echo "installing Debian libjemalloc2: the served app's allocator (app/allocator.py), tested by the suite"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y libjemalloc2 >/dev/null || { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y libjemalloc2 >/dev/null; }; }
 
 serve: setup
 	$(PY) -m moe_core serve --port $(PORT)

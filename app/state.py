@@ -6,8 +6,6 @@ be driven from plain Python (tests, notebooks); the views only watch it.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -17,6 +15,7 @@ from functools import lru_cache
 import param
 import torch
 
+from app.allocator import release_freed_memory
 from moe_core.checkpoint import ASSETS, list_checkpoints, load
 from moe_core.inference import MAX_TOKENS, RouteResult, route_text
 from moe_core.routing import SCHEMES
@@ -61,34 +60,6 @@ def preload_models() -> None:
     does not step up later, in the middle of a class, when someone first picks another model."""
     for m in catalog():
         load(m["name"])
-
-
-@lru_cache(maxsize=1)
-def _libc_malloc_trim():
-    """glibc's malloc_trim, or None where the C library is not glibc (macOS, musl, Windows)."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-def release_freed_memory() -> bool:
-    """Hand the pages that freed Python, numpy and torch objects leave in malloc's arenas back to the OS.
-
-    Why: a served session is thousands of small objects (Bokeh models, param
-    watchers, JSON strings) plus numpy/torch temporaries for every routing, made
-    on several threads. glibc keeps freed chunks in per-thread arenas and only
-    returns memory from the top of each heap, so after a busy hour the server's
-    RSS stays near its peak although nothing is alive any more
-    (scripts/memprobe.py: the live Dashboard/Document counts go back to idle,
-    RSS does not). `malloc_trim(0)` walks every arena and releases the free
-    pages (madvise); measured on this app it returns most of that growth. Other
-    long-running glibc processes do the same, e.g. denoland/deno#32662 (after
-    module loading) and amun-ai/hypha#976 (a periodic trim). Returns whether anything
-    was released; a no-op (False) off glibc. app/main.py schedules it every
-    RELEASE_PERIOD_S seconds, once per server process."""
-    trim = _libc_malloc_trim()
-    return bool(trim(0)) if trim is not None else False
 
 
 def defer_full_collections() -> None:

@@ -236,11 +236,14 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
     import subprocess
     from pathlib import Path
 
     app = Path(__file__).resolve().parent.parent / "app" / "main.py"
-    cmd = [sys.executable, "-m", "panel", "serve", str(app), "--address", args.address, "--port", str(args.port),
+    # app.allocator launches Panel with jemalloc when the machine has it, so memory comes back after a class
+    cmd = [sys.executable, "-m", "app.allocator", "panel", "serve", str(app),
+           "--address", args.address, "--port", str(args.port),
            "--allow-websocket-origin", f"localhost:{args.port}", "--allow-websocket-origin", f"127.0.0.1:{args.port}",
            "--index", "main", "--num-procs", "1",
            # classroom defaults (docs/serving.md): warm the app before the first student, expire unused
@@ -253,7 +256,10 @@ def cmd_serve(args) -> int:
         cmd += ["--allow-websocket-origin", origin]
     if args.show:
         cmd.append("--show")
-    return subprocess.call(cmd)
+    env = dict(os.environ)
+    if args.allocator:
+        env["MOE_LAB_ALLOCATOR"] = args.allocator
+    return subprocess.call(cmd, env=env)
 
 
 # ----------------------------------------------------------------------------- main
@@ -325,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--show", action="store_true", help="open a browser")
     q.add_argument("--behind-proxy", action="store_true",
                    help="trust X-Forwarded-* headers (when nginx or another proxy is in front, see deploy/)")
+    q.add_argument("--allocator", choices=("auto", "jemalloc", "system"),
+                   help="memory allocator of the server: jemalloc gives a finished class's memory back to the OS "
+                        "(auto, the default: jemalloc when installed; see docs/serving.md)")
     q.set_defaults(fn=cmd_serve)
     return p
 

@@ -127,7 +127,9 @@ class Server:
         if num_procs > 1 and port == 0:
             port = free_port()        # forked workers must share one known port
         flags = SERVE_FLAGS if warm else [f for f in SERVE_FLAGS if f != "--warm"]
-        self.cmd = cmd or [sys.executable, "-m", "panel", "serve", app, "--address", "127.0.0.1",
+        # through the Procfile's launcher, as served (app/allocator.py: jemalloc when the machine has it;
+        # MOE_LAB_ALLOCATOR=system in server_env compares CPython's own allocator)
+        self.cmd = cmd or [sys.executable, "-m", "app.allocator", "panel", "serve", app, "--address", "127.0.0.1",
                            "--port", str(port), "--num-procs", str(num_procs), *flags, *(extra or [])]
         if cmd is None:
             for o in origins or ["*"]:
@@ -171,6 +173,10 @@ class Server:
 
     def rss_mb(self) -> float:
         return rss_mb(self.proc.pid)
+
+    def allocator(self) -> str | None:
+        """The launcher's line saying which allocator the server got (app/allocator.py), if it printed one."""
+        return next((x.strip() for x in self.lines if x.startswith("allocator:")), None)
 
     def stop(self) -> None:
         """Stop the whole process group (with --num-procs, SIGTERM to the parent leaves the workers running)."""
@@ -706,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(through a proxy with address-sticky sessions, as many students as addresses)")
     ap.add_argument("--settle", type=float, default=30, help="seconds to wait after closing for the server to discard sessions")
     ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
-                    help="an environment variable for the app server(s) only, e.g. PYTHONMALLOC=malloc "
+                    help="an environment variable for the app server(s) only, e.g. MOE_LAB_ALLOCATOR=system "
                          "(repeatable; the clients keep this process's environment)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--client-nice", type=int, default=19,
@@ -763,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
             server = servers[0].wait_ready()
             url, pids = server.url, [server.proc.pid]
             res.update(num_procs=args.num_procs, server_cmd=" ".join(server.cmd[2:]),
+                       server_allocator=server.allocator(),
                        startup_ready_s=round(server.ready_s, 2), startup_first_page_s=round(server.first_page_s, 2))
         sample = (lambda: sum(rss_mb(p) for p in pids)) if pids else None
         cpu = (lambda: sum(cpu_s(p) for p in pids)) if pids else None

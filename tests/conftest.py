@@ -93,8 +93,9 @@ def no_server_traceback(request):
 
 @pytest.fixture(scope="session")
 def app_url():
-    cmd = [sys.executable, "-m", "panel", "serve", "app/main.py", "--address", "127.0.0.1", "--port", "0",
-           "--allow-websocket-origin", "*", "--liveness", "--num-procs", "1"]
+    # through the Procfile's launcher (app/allocator.py), so the browser tests run the allocator that is served
+    cmd = [sys.executable, "-m", "app.allocator", "panel", "serve", "app/main.py", "--address", "127.0.0.1",
+           "--port", "0", "--allow-websocket-origin", "*", "--liveness", "--num-procs", "1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BOKEH_", "PANEL_"))}
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)

@@ -64,6 +64,7 @@ def test_params_of_a_shipped_checkpoint_follow_k(capsys):
     ["route", "hello", "--device", "tpu"],
     ["train", "--preset", "gigantic"],
     ["bench", "--skip", "everything"],
+    ["serve", "--allocator", "tcmalloc"],
     ["frobnicate"],
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, capsys):

@@ -37,10 +37,10 @@ def procfile_command(port: int, app_host: str) -> list[str]:
     """The Procfile's web command as the platform would run it, bound to loopback for the test."""
     line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith("web:"))
     cmd = shlex.split(line[len("web:"):].replace("$PORT", str(port)).replace("$APP_HOST", app_host))
-    assert cmd[:2] == ["panel", "serve"]
+    assert cmd[:5] == ["python", "-m", "app.allocator", "panel", "serve"]    # the launcher: app/allocator.py
     i = cmd.index("--address")
     cmd[i + 1] = "127.0.0.1"
-    return [sys.executable, "-m", "panel", *cmd[1:]]
+    return [sys.executable, *cmd[1:]]
 
 
 @pytest.fixture(scope="module")
