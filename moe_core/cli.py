@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--repeats", type=_positive_int, default=7)
     q.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke test)")
     q.add_argument("--skip", default="", help="comma-separated parts to skip: layer,train,route")
+    q.add_argument("--malloc-defaults", action="store_true",
+                   help="leave glibc's malloc returning freed memory to the OS after every pass "
+                        "(see bench.keep_freed_memory)")
     q.set_defaults(fn=cmd_bench)
 
     q = sub.add_parser("serve", help="serve the dashboard (panel serve app/main.py)")

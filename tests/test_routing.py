@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moe_core.routing import (
-    SCHEMES, base, deepseek, expert_capacity, expert_choice, gshard, noisy_topk, route, softmax_topk,
+    SCHEMES, Routing, base, deepseek, expert_capacity, expert_choice, gshard, noisy_topk, route, softmax_topk,
     switch, update_bias, z_loss,
 )
 
@@ -244,7 +244,8 @@ def test_invariants_on_random_logits(T, N, k, cf, scale, seed, name):
     # combine matches (indices, weights)
     dense = torch.zeros(T, N).scatter_add(1, r.indices.clamp(min=0), torch.where(r.indices >= 0, r.weights, 0.0))
     assert torch.allclose(dense, r.combine)
-    # capacity never exceeded
+    # capacity never exceeded; the load (counted from the indices) is what the dense dispatch mask says
+    assert torch.equal(r.load, r.dispatch.sum(0))
     if r.capacity is not None:
         assert int(r.load.max()) <= r.capacity
     # tokens accounted for: routed + dropped = chosen
@@ -286,3 +287,18 @@ def test_softmax_topk_weights_sum_to_one_and_gradients_reach_the_router():
     assert torch.allclose(r.weights.sum(-1), torch.ones(10))
     (r.combine * torch.arange(6.0)).sum().backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_dense_views_are_built_when_read_and_equal_explicit_ones():
+    """A scheme returns the sparse record; combine, dispatch and dropped are derived on first read (the
+    layer's forward never reads them), and copies made with apply() or Routing(...) carry them."""
+    logits = torch.randn(12, 4, generator=torch.Generator().manual_seed(3))
+    r = switch(logits, capacity=2)
+    assert r.__dict__["_combine"] is None and r.__dict__["_dropped"] is None     # not built yet
+    dropped = r.dropped                                                         # built now: drops exist
+    assert int(dropped.sum()) > 0 and r.__dict__["_dropped"] is dropped         # ... and kept
+    copy = r.detach()
+    assert torch.equal(copy.combine, r.combine) and torch.equal(copy.dropped, dropped)
+    explicit = Routing(scheme=r.scheme, combine=r.combine.clone(), dispatch=r.dispatch.clone(), indices=r.indices,
+                       weights=r.weights, probs=r.probs, dropped=torch.zeros_like(dropped), capacity=r.capacity)
+    assert not explicit.dropped.any()                                           # given values are used as given
