@@ -72,6 +72,7 @@ class _Drain(threading.Thread):
 
 
 SERVER_LOG: list[str] = []       # the session server's output lines, read as they come (see app_url)
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")   # the start of a server log line
 
 
 @pytest.fixture(autouse=True)
@@ -85,10 +86,23 @@ def no_server_traceback(request):
     yield
     time.sleep(0.2)                                    # a callback that raised as the test ended
     new = SERVER_LOG[start:]
-    if any("Traceback" in line for line in new):
-        at = next(i for i, line in enumerate(new) if "Traceback" in line)
+    at = next((i for i, line in enumerate(new) if "Traceback" in line and not _closed_page_write(new, i)), None)
+    if at is not None:
         pytest.fail("the server logged a traceback during this test:\n" + "".join(new[max(0, at - 1):at + 40]),
                     pytrace=False)
+
+
+def _closed_page_write(lines: list[str], at: int) -> bool:
+    """The traceback at lines[at] is tornado failing to send a message to a page that had already closed
+    (a page of a test that just ended): asyncio logs the unretrieved WebSocketClosedError of
+    `WebSocketProtocol13.write_message`. Nothing of the app raised; the load test counts these apart as
+    teardown tracebacks too. It spans two "Traceback" blocks (StreamClosedError, then WebSocketClosedError)."""
+    for line in reversed(lines[max(0, at - 12):at]):
+        if line.startswith("future: <Task finished"):
+            return "WebSocketProtocol13.write_message" in line and "exception=WebSocketClosedError()" in line
+        if LOG_RECORD.match(line):                     # another log record in between: not this one's
+            return False
+    return False
 
 
 @pytest.fixture(scope="session")
