@@ -56,12 +56,10 @@ def live_counts(names=WATCHED) -> dict[str, int]:
 def full_gc() -> None:
     for _ in range(3):
         gc.collect()
-    try:
-        import ctypes
+    sys.path.insert(0, str(ROOT))
+    from app.allocator import release_freed_memory
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)   # return freed arenas, so RSS shows what is really held
-    except OSError:
-        pass
+    release_freed_memory()        # as the server's housekeeping does: RSS then shows what is really held
 
 
 class AppServer:
