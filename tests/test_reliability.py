@@ -141,3 +141,20 @@ def test_closing_a_session_cancels_its_training_job():
         wait_until(lambda: lab_mod.manager().running() == 0, 30)
     finally:
         pn.state.reset()          # stops the server (calling server.stop() as well raises in Panel 1.9)
+
+
+def test_browser_test_guard_skips_only_writes_to_closed_pages():
+    """tests/conftest.py fails a browser test on any server traceback except tornado's write to a page that
+    had already closed (both of its blocks); an app traceback in the next log record still fails it."""
+    from tests.conftest import _closed_page_write
+
+    log = ["2026-12-06 05:00:00,000 Task exception was never retrieved\n",
+           "future: <Task finished name='Task-1' coro=<WebSocketProtocol13.write_message.<locals>.wrapper() done, "
+           "defined at tornado/websocket.py:1138> exception=WebSocketClosedError()>\n",
+           "Traceback (most recent call last):\n", "tornado.iostream.StreamClosedError: Stream is closed\n", "\n",
+           "During handling of the above exception, another exception occurred:\n", "\n",
+           "Traceback (most recent call last):\n", "tornado.websocket.WebSocketClosedError\n",
+           "2026-12-06 05:00:01,000 ERROR: a callback raised\n",
+           "Traceback (most recent call last):\n", "ValueError: boom\n"]
+    verdicts = [_closed_page_write(log, i) for i, line in enumerate(log) if "Traceback" in line]
+    assert verdicts == [True, True, False]
