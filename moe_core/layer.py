@@ -127,42 +127,43 @@ class Experts(nn.Module):
         threads = torch.get_num_threads()
         on_threads = (x.device.type == "cpu" and threads > 1 and len(active) >= PARALLEL_MIN_EXPERTS
                       and n >= PARALLEL_MIN_ROWS)
-        if not torch.is_grad_enabled():
-            # each expert writes its block of the output and scales it while the block is in cache;
-            # on threads, each also gathers its own rows, so that copy is shared out over the cores
-            out = x.new_empty(n, self.d_model)
-            slots, views = torch.split(out, counts), self._weight_views()
-            scales = torch.split(scale, counts) if scale is not None else [None] * len(counts)
-            if rows is None or not on_threads:
-                parts = torch.split(x if rows is None else x.index_select(0, rows), counts)
-                run = lambda ids: [self._expert_into(views[e], parts[e], slots[e], scales[e])  # noqa: E731
-                                   for e in ids]
-            else:
-                blocks, whole = torch.split(rows, counts), list(zip(self.w_in.unbind(0), self.w_out.unbind(0)))
-
-                def run(ids):
-                    done = []
-                    for e in ids:
-                        # many experts: their weights are not in cache. One sequential read first brings
-                        # them in faster than the matmuls' own access pattern does (one core, 256 experts
-                        # of 64 tokens: 0.70 -> 0.65-0.67 ms an expert)
-                        whole[e][0].sum(), whole[e][1].sum()
-                        done.append(self._expert_into(views[e], x.index_select(0, blocks[e]), slots[e], scales[e]))
-                    return done
-            if on_threads:
-                self._experts_on_threads(run, active, threads)
-            else:
-                run(active)
-            return out
+        grad = torch.is_grad_enabled()
+        if rows is not None and (grad or not on_threads):
+            x, rows = x.index_select(0, rows), None      # one gather up front (else each thread gathers its own)
         # torch.split (not slicing) so the backward pass concatenates gradients
         # instead of zero-filling a full-size buffer for every expert
-        parts = torch.split(x if rows is None else x.index_select(0, rows), counts)
+        blocks = torch.split(x if rows is None else rows, counts)
+        if grad:
+            if on_threads:
+                outs = self._experts_on_threads(lambda ids: [self.expert(e, blocks[e]) for e in ids], active, threads)
+            else:
+                outs = [self.expert(e, blocks[e]) for e in active]
+            out = torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
+            return out if scale is None else out * scale
+        # autograd off: each expert writes its block of the output and scales it while the block is in
+        # cache; on threads, each also gathers its own rows, so that copy is shared out over the cores
+        out = x.new_empty(n, self.d_model)
+        slots, views = torch.split(out, counts), self._weight_views()
+        scales = torch.split(scale, counts) if scale is not None else [None] * len(counts)
+        whole = list(zip(self.w_in.unbind(0), self.w_out.unbind(0))) if on_threads else None
+
+        def run(ids: list[int]) -> list[Tensor]:
+            done = []
+            for e in ids:
+                if whole is not None:
+                    # many experts: their weights are not in cache. One sequential read first brings them
+                    # in faster than the matmuls' own access pattern does (one core, 256 experts of 64
+                    # tokens: 0.70 -> 0.65-0.67 ms an expert)
+                    whole[e][0].sum(), whole[e][1].sum()
+                part = blocks[e] if rows is None else x.index_select(0, blocks[e])
+                done.append(self._expert_into(views[e], part, slots[e], scales[e]))
+            return done
+
         if on_threads:
-            outs = self._experts_on_threads(lambda ids: [self.expert(e, parts[e]) for e in ids], active, threads)
+            self._experts_on_threads(run, active, threads)
         else:
-            outs = [self.expert(e, parts[e]) for e in active]
-        out = torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
-        return out if scale is None else out * scale
+            run(active)
+        return out
 
     def _experts_on_threads(self, job, active: list[int], threads: int) -> list[Tensor]:
         """Run the experts `threads` at a time, one Python thread each (matmuls release the GIL).
