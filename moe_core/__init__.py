@@ -2,4 +2,40 @@
 
 Nothing in this package imports Panel or Bokeh: the dashboard in ``app/`` reads
 everything it shows from here.
+
+The main pieces are importable from the package itself::
+
+    from moe_core import MoELayer, route, SCHEMES
+    layer = MoELayer(d_model=64, d_ff=128, n_experts=8, top_k=2)
+    y, routing = layer(x)
+
+They load on first use (PEP 562), so ``import moe_core`` alone, as the CLI's
+argument parsing does, does not import torch.
 """
+
+from importlib import import_module
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "MoELayer": "layer", "DenseFFN": "layer", "pick_device": "layer",
+    "Routing": "routing", "route": "routing", "SCHEMES": "routing", "z_loss": "routing",
+    "load_balance_loss": "routing", "update_bias": "routing", "expert_capacity": "routing",
+    "softmax_topk": "routing", "noisy_topk": "routing", "switch": "routing", "gshard": "routing",
+    "expert_choice": "routing", "base": "routing", "deepseek": "routing",
+    "MoEConfig": "model", "MoEGPT": "model",
+    "count_params": "params", "ParamReport": "params",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

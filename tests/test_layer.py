@@ -229,3 +229,26 @@ def test_cuda_matches_cpu():
     assert torch.allclose(y_cpu, y_gpu.cpu(), atol=1e-4)
     y_bf16, _ = layer.to(torch.bfloat16)(x.cuda().bfloat16())  # grouped GEMM path
     assert torch.allclose(y_cpu, y_bf16.float().cpu(), atol=5e-2)
+
+
+def test_the_package_exports_the_layer_and_routing_api_without_importing_torch_up_front():
+    # `moe_core.MoELayer(...)` is the documented entry point; names load on first use so that
+    # `import moe_core` alone (the CLI's argument parsing) stays free of torch
+    import subprocess
+    import sys
+
+    code = ("import sys, moe_core; assert 'torch' not in sys.modules, 'import moe_core pulled in torch'; "
+            "import torch; from moe_core import MoELayer; y, r = MoELayer(16, 32, 4, 2)(torch.randn(3, 16)); "
+            "print(tuple(y.shape), tuple(r.indices.shape))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["(3,", "16)", "(3,", "2)"]
+
+    import moe_core
+    from moe_core import layer, model, params, routing
+
+    for name in moe_core.__all__:
+        source = {"layer": layer, "routing": routing, "model": model, "params": params}[moe_core._EXPORTS[name]]
+        assert getattr(moe_core, name) is getattr(source, name)
+    assert set(moe_core.SCHEMES) >= {"softmax_topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "deepseek"}
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        moe_core.NotAThing
