@@ -135,7 +135,8 @@ class Experts(nn.Module):
         blocks = torch.split(x if rows is None else rows, counts)
         if grad:
             if on_threads:
-                outs = self._experts_on_threads(lambda ids: [self.expert(e, blocks[e]) for e in ids], active, threads)
+                outs = self._experts_on_threads(lambda ids: [self.expert(e, blocks[e]) for e in ids], active, threads,
+                                                counts)
             else:
                 outs = [self.expert(e, blocks[e]) for e in active]
             out = torch.cat(outs) if outs else x.new_zeros(0, self.d_model)
@@ -160,12 +161,12 @@ class Experts(nn.Module):
             return done
 
         if on_threads:
-            self._experts_on_threads(run, active, threads)
+            self._experts_on_threads(run, active, threads, counts)
         else:
             run(active)
         return out
 
-    def _experts_on_threads(self, job, active: list[int], threads: int) -> list[Tensor]:
+    def _experts_on_threads(self, job, active: list[int], threads: int, counts: list[int]) -> list[Tensor]:
         """Run the experts `threads` at a time, one Python thread each (matmuls release the GIL).
 
         With many experts each gets few tokens (64 at N = 256 here), and a small matmul
@@ -175,6 +176,8 @@ class Experts(nn.Module):
         version of what a grouped GEMM does on a GPU.
         Grad and inference mode are per thread in PyTorch, so the callers' are passed on.
         `job(ids)` runs the experts `ids` and returns their outputs in that order.
+        The experts are shared out by their rows (`counts`), so the threads finish together:
+        dealt in turn, N = 64 gave one thread 5 % more rows than the other (8617 vs 7767).
         """
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
@@ -182,9 +185,26 @@ class Experts(nn.Module):
             with torch.inference_mode(inference), torch.set_grad_enabled(grad):
                 return list(zip(ids, job(ids)))
 
-        done = dict(pair for chunk in _expert_pool(threads).map(run, [active[i::threads] for i in range(threads)])
+        done = dict(pair for chunk in _expert_pool(threads).map(run, share_out(active, counts, threads))
                     for pair in chunk)
         return [done[e] for e in active]
+
+
+# An expert's fixed cost (reading its weights, a few calls) in rows of matmul work: at N = 256 here
+# an expert of 64 rows took 0.70 ms on one core, of which ~0.15 ms is not per row
+EXPERT_COST_ROWS = 16
+
+
+def share_out(experts: list[int], counts: list[int], threads: int) -> list[list[int]]:
+    """Split experts into `threads` lists of near-equal work (rows + EXPERT_COST_ROWS each): the
+    largest first, each to the least-loaded list (longest-processing-time-first), then each list
+    in expert order."""
+    lists, load = [[] for _ in range(threads)], [0] * threads
+    for e in sorted(experts, key=lambda e: -counts[e]):
+        i = load.index(min(load))
+        lists[i].append(e)
+        load[i] += counts[e] + EXPERT_COST_ROWS
+    return [sorted(ids) for ids in lists]
 
 
 # Experts with tokens, and rows in all, before Experts.forward gives whole experts to threads. Below
