@@ -13,7 +13,7 @@ TORCH_SPEC  ?= $(if $(HAS_NVIDIA),torch>=2.4,torch==2.13.0)
 TORCH_INDEX ?= $(if $(HAS_NVIDIA),,--extra-index-url https://download.pytorch.org/whl/cpu)
 CHROMIUM    ?= /usr/bin/chromium
 
-.PHONY: serve test setup browser bench clean
+.PHONY: serve test setup bench-deps browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --retries 1 "$(TORCH_SPEC)" $(TORCH_INDEX)
 	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# transformers, for `moe-lab bench`'s Hugging Face baseline and the test that it computes our layer
+# (make test and make bench only: serving does not need it)
+bench-deps: $(VENV)/.bench
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[bench]"
 	touch $@
 
 browser:
@@ -41,10 +49,10 @@ browser:
 serve: setup
 	$(PY) -m moe_core serve --port $(PORT)
 
-test: setup browser
+test: setup bench-deps browser
 	CHROMIUM_PATH=$(CHROMIUM) $(PY) -m pytest
 
-bench: setup
+bench: setup bench-deps
 	$(PY) -m moe_core bench
 
 clean:

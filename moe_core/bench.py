@@ -16,41 +16,45 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from .layer import DenseFFN, MoELayer, pick_device
 
 # Reference figures quoted in the project's issue: HF transformers' eager Mixtral
-# expert loop on this kind of 2-core machine (not measured by this script).
+# expert loop on this kind of 2-core machine, 8192 tokens, d_model 256, d_ff 512, k = 2,
+# float32 (not measured by this script; `hf_baseline` measures the real block here).
 HF_MIXTRAL_EAGER_MS = {8: 95.0, 64: 124.0, 256: 255.0}
 
 # glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
-def keep_freed_memory(trim_mb: int = 1024, mmap_mb: int = 32) -> str:
+def keep_freed_memory(trim_mb: int = 1024) -> str:
     """Have glibc's malloc keep freed memory for the next forward pass instead of returning it to the OS.
 
-    Why: with glibc's defaults a forward pass over 8192 tokens gave its 30-60 MB of temporaries back
-    to the OS when they were freed (a block above the mmap threshold, which adapts between 128 KiB
-    and 32 MiB, is unmapped when freed, and the top of the heap is trimmed once it holds more free
-    memory than twice that threshold), and the next pass page-faulted it back in: 8,000-15,000 page
-    faults and 16-25 ms of kernel time per forward, measured. A long-running process (a server, a
-    training loop) reuses that memory; this is the glibc setting for it, the same effect PyTorch's CPU
-    tuning guide gets by preloading jemalloc or tcmalloc. It applies to the whole process, so every
-    configuration timed (ours, the dense FFN, the HF-style loop) gets it alike. Returns what was set
-    ("" where the C library is not glibc)."""
+    Why: with glibc's defaults a forward pass over 8192 tokens gave its temporaries back to the OS
+    when they were freed, and the next pass page-faulted them in again: a block above the mmap
+    threshold (adaptive, 128 KiB to 32 MiB) is unmapped when freed, and the top of the heap is
+    trimmed once it holds more free memory than twice that threshold. Measured: 8,000-15,000 page
+    faults and 16-25 ms of kernel time per MoE forward, and 33,000 faults per dense FFN forward (its
+    [8192, 2048] hidden state is 64 MB, above any mmap threshold glibc accepts) — 30-40 ms of its
+    ~90 ms. So big blocks come from the heap too (M_MMAP_MAX 0) and the heap is trimmed only
+    past `trim_mb`. A long-running process (a server, a training loop) reuses that memory; this is
+    the glibc setting for it, the effect PyTorch's CPU tuning guide gets by preloading jemalloc or
+    tcmalloc. It applies to the whole process, so every configuration timed (ours, the dense FFN,
+    the HF baseline) gets it alike. Returns what was set ("" where the C library is not glibc)."""
     import ctypes
 
     try:
         libc = ctypes.CDLL(None)
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, trim_mb << 20) and libc.mallopt(_M_MMAP_THRESHOLD, mmap_mb << 20)
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, trim_mb << 20) and libc.mallopt(_M_MMAP_MAX, 0)
     except (OSError, AttributeError):
         return ""
     if not ok:
         return ""
-    return f"glibc malloc keeps freed memory (M_TRIM_THRESHOLD {trim_mb} MiB, M_MMAP_THRESHOLD {mmap_mb} MiB)"
+    return f"glibc malloc keeps freed memory (M_TRIM_THRESHOLD {trim_mb} MiB, M_MMAP_MAX 0: big blocks from the heap)"
 
 
 def _sync(device: torch.device) -> None:
@@ -132,10 +136,11 @@ def _cpu_name() -> str:
 
 
 class HFStyleEagerMoE(torch.nn.Module):
-    """A baseline measured on THIS machine: the eager expert loop of Hugging Face transformers'
-    Mixtral sparse-MoE block (softmax -> top-k -> renormalise; one_hot expert mask; a Python
-    loop over the experts that got tokens; w2(silu(w1 x) * w3 x) with separate Linear layers).
-    Written from the algorithm's description for timing only; not used by the app."""
+    """The fallback baseline where transformers is not installed: our transcription of the eager
+    expert loop of Hugging Face transformers' Mixtral sparse-MoE block (softmax -> top-k ->
+    renormalise; one_hot expert mask; a Python loop over the experts that got tokens;
+    w2(silu(w1 x) * w3 x) with separate Linear layers). For timing only; not used by the app.
+    `hf_baseline` gives it a layer's weights."""
 
     def __init__(self, d_model: int, d_ff: int, n_experts: int, k: int):
         super().__init__()
@@ -160,9 +165,46 @@ class HFStyleEagerMoE(torch.nn.Module):
 
 
 @torch.no_grad()
+def hf_baseline(layer: MoELayer) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The baseline the issue names, holding `layer`'s weights, so both route every token alike and
+    give each expert the same tokens: Hugging Face transformers' `MixtralSparseMoeBlock` with its
+    experts in the eager loop, where transformers is installed (`pip install -e ".[bench]"`), else
+    `HFStyleEagerMoE`. Returns (a function of x [T, d_model], what it is). Only a layer that computes
+    what Mixtral's block does has one: softmax top-k, renormalised, SwiGLU, no shared experts."""
+    if (layer.scheme, layer.experts.activation, layer.n_shared) != ("softmax_topk", "swiglu", 0) \
+            or layer.router_options.get("normalize", True) is not True:
+        raise ValueError("the HF Mixtral baseline computes softmax top-k (renormalised) with SwiGLU experts "
+                         "and no shared experts; this layer computes something else")
+    ex, f = layer.experts, layer.d_ff
+    like = layer.router.weight
+    try:
+        import transformers
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        hf = HFStyleEagerMoE(layer.d_model, f, layer.n_experts, layer.top_k).to(like.device, ex.w_in.dtype)
+        hf.gate.weight.copy_(layer.router.weight)
+        for e in range(layer.n_experts):
+            hf.w1[e].weight.copy_(ex.w_in[e, :, :f].T)
+            hf.w3[e].weight.copy_(ex.w_in[e, :, f:].T)
+            hf.w2[e].weight.copy_(ex.w_out[e].T)
+        return hf.eval(), "HF-style eager loop (our transcription; transformers is not installed)"
+    cfg = MixtralConfig(hidden_size=layer.d_model, intermediate_size=f, num_local_experts=layer.n_experts,
+                        num_experts_per_tok=layer.top_k, hidden_act="silu")
+    cfg._experts_implementation = "eager"
+    block = MixtralSparseMoeBlock(cfg).to(like.device, ex.w_in.dtype).eval()
+    block.gate.weight.copy_(layer.router.weight)
+    block.experts.gate_up_proj.copy_(ex.w_in.transpose(1, 2))    # [N, 2 d_ff, d_model], gate rows first
+    block.experts.down_proj.copy_(ex.w_out.transpose(1, 2))      # [N, d_model, d_ff]
+
+    # the block takes [B, T, d_model]
+    return (lambda x: block(x[None])[0]), f"transformers {transformers.__version__} MixtralSparseMoeBlock, eager experts"
+
+
+@torch.no_grad()
 def bench_layer(n_experts=(4, 8, 16, 64, 256), *, k=2, d_model=256, d_ff=512, tokens=8192,
                 device="cpu", repeats=7, dtype=torch.float32) -> dict:
-    """Every configuration (dense, and per N our layer, its router alone, the HF-style loop) is
+    """Every configuration (dense, and per N our layer, its router alone, the HF baseline) is
     timed once per round over `repeats` interleaved rounds: times are medians over rounds, ratios
     medians of the ratios taken within each round (see `interleaved_times`)."""
     device = pick_device(device)
@@ -173,11 +215,13 @@ def bench_layer(n_experts=(4, 8, 16, 64, 256), *, k=2, d_model=256, d_ff=512, to
     fns, layers = {"dense": lambda: dense(x)}, {}
     for N in n_experts:
         layer = layers[N] = MoELayer(d_model, d_ff, N, k).to(device, dtype).eval()
-        hf = HFStyleEagerMoE(d_model, d_ff, N, k).to(device, dtype).eval()
+        hf, hf_label = hf_baseline(layer)
         fns[("moe", N)] = lambda layer=layer: layer(x)
         fns[("hf", N)] = lambda hf=hf: hf(x)
         fns[("route", N)] = lambda layer=layer: layer.route(x)
     times = interleaved_times(fns, repeats, device)
+    # the issue's HF figures are for this configuration only
+    quoted_config = (k, d_model, d_ff, tokens, device.type, dtype) == (2, 256, 512, 8192, "cpu", torch.float32)
     med = {key: statistics.median(v) for key, v in times.items()}
     dense_ms = med["dense"]
     rows = []
@@ -189,9 +233,9 @@ def bench_layer(n_experts=(4, 8, 16, 64, 256), *, k=2, d_model=256, d_ff=512, to
             "over_dense": round(paired_ratio(times, ("moe", N), "dense"), 3),
             "expert_weights_mb": round(weight_bytes / 2**20, 1),
             "weight_read_floor_ms": round(weight_bytes / 1e9 / bw * 1e3, 2),
-            "hf_style_eager_here_ms": round(med[("hf", N)], 2),
-            "over_hf_style": round(paired_ratio(times, ("moe", N), ("hf", N)), 3),
-            "hf_mixtral_eager_ms_quoted": HF_MIXTRAL_EAGER_MS.get(N),
+            "hf_ms": round(med[("hf", N)], 2),
+            "over_hf": round(paired_ratio(times, ("moe", N), ("hf", N)), 3),
+            "hf_mixtral_eager_ms_quoted": HF_MIXTRAL_EAGER_MS.get(N) if quoted_config else None,
         })
     by_n = {r["n_experts"]: r for r in rows}
     ratios = {}
@@ -203,7 +247,8 @@ def bench_layer(n_experts=(4, 8, 16, 64, 256), *, k=2, d_model=256, d_ff=512, to
         ratios["n256_extra_weight_read_ms"] = round(by_n[256]["weight_read_floor_ms"] - by_n[8]["weight_read_floor_ms"], 2)
     return {"config": {"k": k, "d_model": d_model, "d_ff": d_ff, "tokens": tokens, "device": str(device),
                        "dtype": str(dtype).replace("torch.", ""), "rounds": repeats},
-            "dense_ms": round(dense_ms, 2), "read_bandwidth_gbs": round(bw, 1), "moe": rows, "ratios": ratios}
+            "dense_ms": round(dense_ms, 2), "read_bandwidth_gbs": round(bw, 1), "hf_baseline": hf_label,
+            "moe": rows, "ratios": ratios}
 
 
 def bench_train(preset: str = "moe-n8", steps: int = 12, device: str = "cpu") -> dict:
@@ -283,12 +328,13 @@ def _format(r: dict) -> str:
                      f"k={c['k']}, {c['device']} {c['dtype']}; dense FFN (d_ff {c['k'] * c['d_ff']}) {L['dense_ms']} ms; "
                      f"read bandwidth {L['read_bandwidth_gbs']} GB/s")
         lines.append(f"{'N':>5} {'ms':>8} {'/dense':>7} {'route ms':>9} {'weights MB':>11} {'read floor ms':>14} "
-                     f"{'HF-style here':>14} {'/HF-style':>10} {'HF quoted':>10}")
+                     f"{'HF here ms':>11} {'/HF':>6} {'HF quoted':>10}")
         for row in L["moe"]:
             hf = row["hf_mixtral_eager_ms_quoted"]
             lines.append(f"{row['n_experts']:>5} {row['ms']:>8} {row['over_dense']:>7} {row['route_ms']:>9} "
                          f"{row['expert_weights_mb']:>11} {row['weight_read_floor_ms']:>14} "
-                         f"{row['hf_style_eager_here_ms']:>14} {row['over_hf_style']:>10} {hf if hf else '':>10}")
+                         f"{row['hf_ms']:>11} {row['over_hf']:>6} {hf if hf else '':>10}")
+        lines.append(f"  HF here: {L['hf_baseline']}, same weights and input, timed in the same rounds")
         lines.append(f"  ({c['rounds']} interleaved rounds: times are medians over rounds, ratios medians of "
                      f"within-round ratios)")
         for k_, v in L["ratios"].items():

@@ -252,3 +252,66 @@ def test_the_package_exports_the_layer_and_routing_api_without_importing_torch_u
     assert set(moe_core.SCHEMES) >= {"softmax_topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "deepseek"}
     with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
         moe_core.NotAThing
+
+
+def _mixtral_like_layer():
+    torch.manual_seed(3)
+    layer = MoELayer(32, 48, 6, 2).eval()
+    with torch.no_grad():                        # larger weights than the init, so outputs are far from 0
+        layer.experts.w_in.normal_(0, 0.3)
+        layer.experts.w_out.normal_(0, 0.3)
+    return layer, torch.randn(40, 32)
+
+
+def test_bench_hf_baseline_fallback_holds_our_weights_and_computes_our_layer(monkeypatch):
+    # `moe-lab bench` times our layer against an HF Mixtral-style loop holding the same weights:
+    # the comparison is only fair if both compute the same thing
+    import sys
+
+    from moe_core.bench import hf_baseline
+
+    monkeypatch.setitem(sys.modules, "transformers", None)     # as where transformers is not installed
+    layer, x = _mixtral_like_layer()
+    hf, label = hf_baseline(layer)
+    assert "transcription" in label
+    with torch.no_grad():
+        ours = layer(x)[0]
+        assert ours.abs().mean() > 1e-2
+        torch.testing.assert_close(hf(x), ours, rtol=1e-5, atol=1e-6)
+
+
+def test_transformers_mixtral_block_holding_our_weights_computes_our_layer():
+    transformers = pytest.importorskip("transformers")       # the `bench` extra; `make test` installs it
+    from moe_core.bench import hf_baseline
+
+    layer, x = _mixtral_like_layer()
+    hf, label = hf_baseline(layer)
+    assert label.startswith(f"transformers {transformers.__version__} MixtralSparseMoeBlock")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x), layer(x)[0], rtol=1e-5, atol=1e-6)
+        # and a second routing of the same text: top-1 only, with the block told k = 1 too
+        layer.top_k = 1
+        hf1, _ = hf_baseline(layer)
+        torch.testing.assert_close(hf1(x), layer(x)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [{"scheme": "switch"}, {"n_shared": 1}, {"activation": "gelu"}, {"normalize": False}])
+def test_bench_hf_baseline_refuses_a_layer_that_is_not_mixtral_like(kw):
+    from moe_core.bench import hf_baseline
+
+    with pytest.raises(ValueError, match="HF Mixtral baseline"):
+        hf_baseline(MoELayer(16, 24, 4, 2, **kw))
+
+
+def test_share_out_gives_threads_equal_work_and_every_expert_once():
+    from moe_core.layer import EXPERT_COST_ROWS, share_out
+
+    counts = [410, 128, 300, 300, 250, 260, 0, 140]
+    active = [e for e, c in enumerate(counts) if c]
+    lists = share_out(active, counts, 2)
+    assert sorted(e for ids in lists for e in ids) == active and all(ids == sorted(ids) for ids in lists)
+    work = [sum(counts[e] + EXPERT_COST_ROWS for e in ids) for ids in lists]
+    # dealt in turn ([0, 2, 4, 7] and [1, 3, 5]) the work is 1164 vs 736; shared out it is within one expert
+    assert abs(work[0] - work[1]) <= min(counts[e] for e in active) + EXPERT_COST_ROWS, work
+    assert share_out([3], counts, 2) == [[3], []]
+    assert share_out(active, counts, 1) == [active]
