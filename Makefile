@@ -1,6 +1,6 @@
 # MoE Router Lab: two commands, both idempotent, both from a clean clone.
 #   make serve   set up .venv and serve the dashboard on http://localhost:5006
-#   make test    set up .venv (+ Debian chromium, nginx and libjemalloc2 for the tests) and run the whole suite
+#   make test    set up .venv (+ transformers, Debian chromium, nginx and libjemalloc2 for the tests) and run the whole suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
