@@ -125,3 +125,23 @@ def test_softmax_topk_load_balance_is_mixtrals_divided_by_k():
     for k in (1, 2, 4):
         assert float(R.softmax_topk(uniform, k).aux["load_balance"]) == pytest.approx(1.0)
         assert float(mixtral_lb((uniform,), num_experts=8, top_k=k)) == pytest.approx(k)
+
+
+@pytest.mark.parametrize("batch_prioritized", [False, True])
+@pytest.mark.parametrize("capacity", [3, 10, 1000])
+def test_gshard_is_nllb_moes_top2_router(capacity, batch_prioritized):
+    # GShard top-2 as NLLB-MoE (fairseq) runs it, second expert always taken ("all"): every first choice
+    # takes its slot before any second choice, in token order or by top-1 probability
+    # (batch-prioritised), and the two weights are renormalised after dropping
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeTop2Router
+
+    cfg = T.NllbMoeConfig(d_model=D, num_experts=8, expert_capacity=capacity, second_expert_policy="all",
+                          normalize_router_prob_before_dropping=False, batch_prioritized_routing=batch_prioritized,
+                          moe_eval_capacity_token_fraction=0.0, router_dtype="float32")
+    torch.manual_seed(0)
+    logits = torch.randn(TOKENS, 8) * 2
+    _, hf_combine = NllbMoeTop2Router(cfg).eval().route_tokens(logits.clone())
+    ours = R.gshard(logits, capacity=capacity, second_policy="all", batch_prioritized=batch_prioritized)
+    torch.testing.assert_close(ours.combine, hf_combine, rtol=1e-5, atol=1e-6)
+    # and the capacity did bite where it is small (else these cases would test no dropping)
+    assert bool(ours.dropped.any()) == (8 * capacity < 2 * TOKENS)
