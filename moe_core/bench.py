@@ -175,14 +175,13 @@ def hf_baseline(layer: MoELayer) -> tuple[Callable[[torch.Tensor], torch.Tensor]
             or layer.router_options.get("normalize", True) is not True:
         raise ValueError("the HF Mixtral baseline computes softmax top-k (renormalised) with SwiGLU experts "
                          "and no shared experts; this layer computes something else")
-    ex, f = layer.experts, layer.d_ff
-    like = layer.router.weight
+    ex, f, device = layer.experts, layer.d_ff, layer.router.weight.device
     try:
         import transformers
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
-        hf = HFStyleEagerMoE(layer.d_model, f, layer.n_experts, layer.top_k).to(like.device, ex.w_in.dtype)
+        hf = HFStyleEagerMoE(layer.d_model, f, layer.n_experts, layer.top_k).to(device, ex.w_in.dtype)
         hf.gate.weight.copy_(layer.router.weight)
         for e in range(layer.n_experts):
             hf.w1[e].weight.copy_(ex.w_in[e, :, :f].T)
@@ -192,7 +191,7 @@ def hf_baseline(layer: MoELayer) -> tuple[Callable[[torch.Tensor], torch.Tensor]
     cfg = MixtralConfig(hidden_size=layer.d_model, intermediate_size=f, num_local_experts=layer.n_experts,
                         num_experts_per_tok=layer.top_k, hidden_act="silu")
     cfg._experts_implementation = "eager"
-    block = MixtralSparseMoeBlock(cfg).to(like.device, ex.w_in.dtype).eval()
+    block = MixtralSparseMoeBlock(cfg).to(device, ex.w_in.dtype).eval()
     block.gate.weight.copy_(layer.router.weight)
     block.experts.gate_up_proj.copy_(ex.w_in.transpose(1, 2))    # [N, 2 d_ff, d_model], gate rows first
     block.experts.down_proj.copy_(ex.w_out.transpose(1, 2))      # [N, d_model, d_ff]
