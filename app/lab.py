@@ -151,7 +151,9 @@ class TrainingLab(pn.viewable.Viewer):
         self.pause_btn.name = "Pause"
         if self._poll_cb is None:
             self._poll_cb = pn.state.add_periodic_callback(self.poll, period=POLL_MS)
-        self.poll()
+        # status only: steps the job made already are streamed by the next poll, in a hold of its own
+        # (see _rebuild_share_plots: a reset and a stream in one hold reach the page twice)
+        self._show_progress(self.job.snapshot(self._since))
 
     def toggle_pause(self):
         if self.job is None:
@@ -290,13 +292,20 @@ class TrainingLab(pn.viewable.Viewer):
         self._rebuild_share_plots()
 
     def _rebuild_share_plots(self):
+        """The per-expert plots for the chosen layer, filled with every step so far.
+
+        A source is given all its rows at once, never emptied and then streamed into: Bokeh
+        sends a held change when the hold ends, and reads the data then, so an emptied source
+        streamed into in the same hold reached the page with the streamed rows in it, and then
+        the stream again (every step twice)."""
         layer = self.layer.value
         shares, biases = [], []
         for i, r in enumerate(self._recipes):
             n = r.n_experts
             cols = [f"e{e}" for e in range(n)]
+            share, bias = self._layer_columns(self._history[i], n)
             src = self.share_src[i]
-            src.data = {"step": [], **{c: [] for c in cols}}
+            src.data = share
             fig = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1), tools="save",
                          toolbar_location="right",
                          title=f"{'AB'[i]}: share of first choices per expert, layer {layer} (stacked)")
@@ -305,7 +314,7 @@ class TrainingLab(pn.viewable.Viewer):
             fig.yaxis.axis_label = "share"
             shares.append(pn.pane.Bokeh(fig, sizing_mode="stretch_width"))
             bsrc = self.bias_src[i]
-            bsrc.data = {"step": [], **{c: [] for c in cols}}
+            bsrc.data = bias or {"step": [], **{c: [] for c in cols}}
             if r.balancing == "deepseek_bias":
                 bf = figure(height=220, sizing_mode="stretch_width", tools="save", toolbar_location="right",
                             title=f"{'AB'[i]}: DeepSeek selection bias per expert, layer {layer}")
@@ -313,8 +322,6 @@ class TrainingLab(pn.viewable.Viewer):
                     bf.line("step", c, source=bsrc, color=expert_colors(n)[e], width=1.5)
                 bf.xaxis.axis_label = "step"
                 biases.append(pn.pane.Bokeh(bf, sizing_mode="stretch_width"))
-            if self._history[i]:
-                self._stream_layers(i, self._history[i])
         self.share_panes.objects = shares
         self.bias_panes.objects = biases
 
@@ -330,18 +337,22 @@ class TrainingLab(pn.viewable.Viewer):
         self.bal_src[i].stream({"step": xs, "max_over_mean": [s["max_over_mean"] for s in steps],
                                 "load_balance": [s["load_balance"] for s in steps],
                                 "dead": [s["dead_experts"] for s in steps]})
-        self._stream_layers(i, steps)
+        share, bias = self._layer_columns(steps, len(steps[0]["top1_share"][0]))
+        self.share_src[i].stream(share)
+        if bias is not None:
+            self.bias_src[i].stream(bias)
 
-    def _stream_layers(self, i: int, steps: list[dict]):
+    def _layer_columns(self, steps: list[dict], n: int) -> tuple[dict, dict | None]:
+        """The chosen layer's columns for `steps`: each expert's share of first choices, and its
+        DeepSeek selection bias (None when the recipe has no bias)."""
         layer = self.layer.value
-        n = len(steps[0]["top1_share"][layer])
-        data = {"step": [s["step"] for s in steps]}
-        shares = np.array([s["top1_share"][layer] for s in steps])
-        data.update({f"e{e}": shares[:, e] for e in range(n)})
-        self.share_src[i].stream(data)
-        if steps[0]["bias"] is not None:
-            bias = np.array([s["bias"][layer] for s in steps])
-            self.bias_src[i].stream({"step": data["step"], **{f"e{e}": bias[:, e] for e in range(n)}})
+        xs = [s["step"] for s in steps]
+        shares = np.array([s["top1_share"][layer] for s in steps]).reshape(len(steps), n)
+        share = {"step": xs, **{f"e{e}": shares[:, e] for e in range(n)}}
+        if not steps or steps[0]["bias"] is None:
+            return share, None
+        bias = np.array([s["bias"][layer] for s in steps])
+        return share, {"step": xs, **{f"e{e}": bias[:, e] for e in range(n)}}
 
     # -- results ------------------------------------------------------------------------------
 

@@ -238,9 +238,14 @@ def test_training_lab_trains_live_and_the_model_can_route_text(page: Page, app_u
                            " return m && m.data.step.length >= 3; }")
     page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('lab_share_0').data.step.length >= 3")
     expect(page.locator("[data-testid=lab-status]").first).to_contain_text("step")
-    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('lab_loss_0').data.step.length === 20",
-                           timeout=120_000)
-    expect(page.locator("[data-testid=lab-status]").first).to_contain_text("done")
+    # the last poll sends the status and the last steps together; then each of the 20 steps is drawn once
+    expect(page.locator("[data-testid=lab-status]").first).to_contain_text("done", timeout=120_000)
+    assert page.evaluate("() => Bokeh.documents[0].get_model_by_name('lab_loss_0').data.step") == list(range(1, 21))
+    # the share plot redrawn for layer 1 (its new title comes in the same message as its data): 20 steps, once each
+    page.locator("#main").get_by_role("button", name="layer 1").click()
+    page.wait_for_function("() => [...Bokeh.documents[0].all_models].some(m => typeof m.text === 'string' && "
+                           "m.text.includes('share of first choices per expert, layer 1'))")
+    assert page.evaluate("() => Bokeh.documents[0].get_model_by_name('lab_share_0').data.step") == list(range(1, 21))
     page.screenshot(path=str(ARTIFACTS / "lab.png"))
     use = page.get_by_role("button", name="Route text with this model")
     expect(use).to_be_enabled()
