@@ -36,6 +36,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from moe_core import pages
+
 CHOICES = ("auto", "jemalloc", "system")
 ENV_CHOICE = "MOE_LAB_ALLOCATOR"            # auto | jemalloc | system
 ENV_LIBRARY = "MOE_LAB_JEMALLOC"            # a path to libjemalloc, where it is not in the loader's search path
@@ -113,9 +115,8 @@ def release_freed_memory() -> bool:
     syms = _process_symbols()
     if syms is None:
         return False
-    if hasattr(syms, "mallctl"):
-        mallctl = syms.mallctl
-        mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    mallctl = pages.mallctl()
+    if mallctl is not None:
         mallctl(b"thread.tcache.flush", None, None, None, 0)
         return mallctl(f"arena.{_MALLCTL_ARENAS_ALL}.purge".encode(), None, None, None, 0) == 0
     if hasattr(syms, "malloc_trim"):

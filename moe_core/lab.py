@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model import MoEConfig
+from .pages import pages_kept
 from .routing import SCHEMES
 from .train import StepInfo, TrainConfig, Trainer, load_token_data
 
@@ -219,6 +220,12 @@ class Job:
                 self._resume.clear()
 
     def _work(self) -> None:
+        # the steps free and re-allocate the same big buffers: keep their pages (a quarter of a step's
+        # time under the server's jemalloc went to mapping them again; see moe_core/pages.py)
+        with pages_kept():
+            self._train()
+
+    def _train(self) -> None:
         try:
             torch.set_num_threads(self.manager.threads)
             data = load_token_data()

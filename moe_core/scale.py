@@ -35,6 +35,7 @@ import torch
 from .bench import interleaved_medians, machine
 from .checkpoint import ASSETS
 from .layer import DenseFFN, MoELayer
+from .pages import describe, mallctl, pages_kept
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_PATH = Path(os.environ.get("MOE_LAB_SCALE_CACHE", ROOT / "artifacts" / "scale_cache.json"))
@@ -85,7 +86,8 @@ def measure_scale(n_values=tuple(DEFAULT_CONFIG["n_values"]), *, top_k: int = DE
     For each N: a fresh `MoELayer(d_model, d_ff, N, top_k)` (softmax top-k,
     float32) runs `tokens` random tokens as one routing group; `ms` is the
     median over `repeats` interleaved rounds after a warm-up, in CPU time of
-    the measuring thread (see `interleaved_medians`). Beside it, a dense SwiGLU
+    the measuring thread (see `interleaved_medians`), with the thread's freed
+    memory kept for reuse where the allocator allows (`pages.pages_kept`). Beside it, a dense SwiGLU
     FFN with the same ACTIVE expert width (d_ff = top_k * d_ff): the dense
     layer with the MoE's arithmetic per token. Weights are counted from the
     modules' tensors, never from a formula. `progress(done, total)` is called
@@ -104,7 +106,8 @@ def measure_scale(n_values=tuple(DEFAULT_CONFIG["n_values"]), *, top_k: int = DE
     # thread CPU time counts only this thread's work: right for one torch thread, not for more
     cpu_clock = dev.type == "cpu" and torch.get_num_threads() == 1
     clock = time.thread_time if cpu_clock else time.perf_counter
-    ms = interleaved_medians(fns, repeats, dev, clock, on_round=progress)
+    with pages_kept() as kept:          # else the allocator's page faults bend the curve (moe_core/pages.py)
+        ms = interleaved_medians(fns, repeats, dev, clock, on_round=progress)
     bytes_per = x.element_size()
     rows = []
     for n, layer in layers.items():
@@ -123,7 +126,7 @@ def measure_scale(n_values=tuple(DEFAULT_CONFIG["n_values"]), *, top_k: int = DE
         "config": {"n_values": ns, "top_k": top_k, "d_model": d_model, "d_ff": d_ff, "tokens": tokens,
                    "repeats": repeats, "device": str(dev), "dtype": "float32", "scheme": "softmax_topk",
                    "clock": "CPU time of the measuring thread" if cpu_clock else "wall time"},
-        "machine": {**machine(), "load_avg_1min": _load_avg()},
+        "machine": {**machine(), "load_avg_1min": _load_avg(), "freed_pages": describe(kept)},
         "dense": {"ms": round(ms["dense"], 3), "params": dense_params, "d_ff": top_k * d_ff,
                   "weight_mb": round(dense_params * bytes_per / 2**20, 6)},
         "rows": rows,
@@ -186,12 +189,13 @@ def load_reference(path: str | Path = REFERENCE_PATH) -> dict | None:
 
 
 def _same_setup(doc: dict, config: dict) -> bool:
-    """A cached result counts only for the same sizes, CPU, core count and torch version."""
+    """A cached result counts only for the same sizes, CPU, core count, torch version and handling of
+    freed memory (a cache made before that was recorded is measured again)."""
     here = machine()
     m, c = doc.get("machine", {}), doc.get("config", {})
     return (all(c.get(k) == v for k, v in config.items())
             and m.get("processor") == here["processor"] and m.get("cpu_threads") == here["cpu_threads"]
-            and m.get("torch") == here["torch"])
+            and m.get("torch") == here["torch"] and m.get("freed_pages") == describe(mallctl() is not None))
 
 
 # ----------------------------------------------------------------------------- background

@@ -43,7 +43,8 @@ def _setup(result: dict) -> str:
             f"d_model {c['d_model']}, expert d_ff {c['d_ff']}, k = {c['top_k']}, {c['tokens']:,} tokens per "
             f"forward, {c['dtype']}, median of {c['repeats']} rounds, {c.get('clock', 'wall time')}"
             + (f", load average {m['load_avg_1min']:g} on the machine meanwhile" if m.get("load_avg_1min") is not None
-               else ""))
+               else "")
+            + (f", freed memory {m['freed_pages']}" if m.get("freed_pages") else ""))
 
 
 def source_line(status: dict, reference: dict | None) -> tuple[str, dict | None]:
