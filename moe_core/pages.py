@@ -16,7 +16,11 @@ frees stays mapped for its own next pass; on the way out the thread goes back
 to its own arena and the private one is purged: its freed pages go back to the
 OS, and the arena is kept for the next user (a few are made per process, never
 one per call). Other threads, the students' routings among them, keep
-jemalloc's settings. Elsewhere (glibc, macOS) it does nothing and says so.
+jemalloc's settings. What is made inside and freed later (a lab model, when its
+session closes) goes back to the private arena, whose purging is off: the
+server's housekeeping purges every arena once nobody routes
+(`app.allocator.release_freed_memory`), this one included. Elsewhere (glibc,
+macOS) it does nothing and says so.
 """
 from __future__ import annotations
 
