@@ -99,7 +99,7 @@ def active() -> str:
     """Which allocator serves this process: "jemalloc", "glibc" or "other"; with "+pymalloc" when
     CPython's small-object allocator sits in front of it (the default unless PYTHONMALLOC=malloc)."""
     syms = _process_symbols()
-    base = ("jemalloc" if syms is not None and hasattr(syms, "mallctl")
+    base = ("jemalloc" if pages.mallctl() is not None
             else "glibc" if syms is not None and hasattr(syms, "malloc_trim") else "other")
     return base if os.environ.get("PYTHONMALLOC", "").startswith("malloc") else base + "+pymalloc"
 

@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", help="write the JSON report here")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     torch.set_num_threads(1)
     out = {"allocator": "jemalloc" if mallctl() is not None else "not jemalloc: pages_kept does nothing",
            "machine": machine(), "kept": [], "default": []}

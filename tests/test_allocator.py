@@ -114,10 +114,11 @@ print(json.dumps({"allocator": active(), "before": before, "grown": grown, "afte
 """
 
 
-def run_fragment(choice: str) -> dict:
+def run_fragment(choice: str, code: str = FRAGMENT) -> dict:
+    """Run `code` in a child Python started as the launcher would (`choice`); its stdout is one JSON object."""
     env, _ = allocator.serving_env({**os.environ, "PYTHONPATH": str(ROOT)}, choice)
-    r = subprocess.run([sys.executable, "-c", FRAGMENT], cwd=ROOT, capture_output=True, text=True, env=env,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 

@@ -7,28 +7,16 @@ the Scale tab's measurement run inside it. In this process (glibc) it must do no
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-from app import allocator
 from moe_core import pages
 from moe_core.scale import _same_setup, machine
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.test_allocator import need_jemalloc, run_fragment
 
 
 def run_under_jemalloc(code: str) -> dict:
-    if allocator.find_jemalloc() is None:
-        pytest.fail("libjemalloc not found: `make test` installs Debian's libjemalloc2", pytrace=False)
-    env, _ = allocator.serving_env({**os.environ, "PYTHONPATH": str(ROOT)}, "jemalloc")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    need_jemalloc()
+    return run_fragment("jemalloc", code)
 
 
 FAULTS = r"""
