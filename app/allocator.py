@@ -24,8 +24,9 @@ machine has it (Debian/Ubuntu: `apt-get install libjemalloc2`). The Procfile
 and `moe-lab serve` start the server this way. MOE_LAB_ALLOCATOR picks:
 `auto` (default: jemalloc when found, else the system's allocators),
 `jemalloc` (required: exit 2 if missing), `system` (leave the process as is).
-`release_freed_memory()` is what the server's housekeeping calls once nobody
-is routing: a jemalloc purge, or glibc's malloc_trim.
+jemalloc runs with its background thread (`MALLOC_CONF=background_thread:true`),
+which purges freed pages after its decay time by itself. `release_freed_memory()`
+purges at once (a jemalloc purge, or glibc's malloc_trim): the memory probes use it.
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ def serving_env(environ: dict | None = None, choice: str | None = None) -> tuple
     if lib not in preload.split():
         env["LD_PRELOAD"] = f"{lib} {preload}".strip()
     env["PYTHONMALLOC"] = "malloc"              # every Python object from jemalloc, not CPython's arenas
+    # jemalloc's own background thread returns freed pages to the OS after its decay time, also when
+    # nobody allocates any more (a class has left): no purge has to be scheduled by the server
+    env.setdefault("MALLOC_CONF", "background_thread:true")
     return env, f"allocator: jemalloc ({lib}) for every object"
 
 

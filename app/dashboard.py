@@ -1,15 +1,20 @@
 """The router dashboard: widgets and views around one RouterState.
 
-`Dashboard()` displays in a notebook; `app/main.py` serves it with a template.
+`Dashboard()` displays in a notebook; `app/main.py` serves it.
 Widgets write to the state; the state routes; views redraw from the result.
+
+What a session builds is kept small on purpose: the first screen is one
+JSComponent (`RouterScreen`) drawn in the browser from a compact record of the
+routing, plus the controls. Every other view (the Router details tab, Compare,
+the lab, ...) is built the first time it is opened.
 """
 from __future__ import annotations
 
 import asyncio
 import html
-import json
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import panel as pn
 import param
@@ -20,23 +25,24 @@ from moe_core.routing import SCHEMES
 
 from .lessons import LessonState, fill, lesson_numbers, lessons
 from .share import MAX_TEXT_IN_URL, apply_to_state, parse_query, share_url, state_query
-from .state import RouterState, examples
-from .views.panels import (
-    balance_table, counter_strip, counters, explainer_markdown, published_table, right_now, token_detail,
-)
-from .views.plots import FlowView, HeatmapView, LoadView
-from .views.published_chart import published_chart
+from .state import RouterState, corpus_profile, examples
 from .views.pagecontrol import PageControl
-from .views.tokens import TokenText, token_view_data
+from .views.plots import FlowView, HeatmapView
+from .views.published_chart import published_chart
+from .views.panels import (
+    balance_table, counters, explainer_markdown, published_table, right_now, token_detail,
+)
+from .views.screen import RouterScreen, per_token_text, screen_json
+from .views.toast import Toast
 from .views.walkthrough import routing_table_html, walkthrough_html
 
 TEXT_DEBOUNCE_S = 0.35
 CSS = (Path(ASSETS) / "app.css").read_text(encoding="utf-8")
-# the view a lesson step points at: a thick amber frame (3.0:1 against white, WCAG 1.4.11 for UI parts)
-# the lesson's text floats at the bottom right, so it stays in view while the page scrolls to the view it is about
-LESSON_BAR_CSS = (":host { position: fixed; right: 18px; bottom: 18px; width: min(560px, 46vw); max-height: 60vh; "
-                  "overflow-y: auto; z-index: 1000; box-shadow: 0 8px 28px rgba(0, 0, 0, .28); }")
 FOCUS_CSS = ":host(.lesson-focus) { outline: 4px solid #B35806; outline-offset: 2px; border-radius: 6px; }"
+INTRO = ("A real mixture-of-experts model routes your text. <b>Type</b>, or <b>click a token</b>, "
+         "then <b>change k</b>: watch which experts light up.")
+# the views on the first screen (inside RouterScreen); every other lesson highlight is a card
+SCREEN_VIEWS = ("decide", "tokens", "load", "counters")
 
 
 def _html(*args, **kw):
@@ -58,34 +64,15 @@ def _card(*objs, title: str, width: int | None = None, name: str = "", **kw):
     return pn.Card(*objs, title=title, margin=(6, 6), css_classes=classes, stylesheets=[FOCUS_CSS], **size, **kw)
 
 
-@contextmanager
-def reindex_once():
-    """Bokeh re-indexes the whole document (every model, ~570 here) each time a property that holds
-    models changes; inside this block it does so at most once, at the end, and only if something asked.
-
-    `doc.models.freeze()` defers the same work but always re-indexes when it ends. Panel 1.9 swaps an
-    HTML pane's stylesheet models on its first `object` update of a session, and again on some later
-    ones (seen for 3 panes: balance, quality, what to notice), each swap one re-index of the document.
-    Outside a served document (a notebook, tests without a server) it does nothing."""
-    doc = pn.state.curdoc
-    models = getattr(doc, "models", None)
-    if models is None or "invalidate" in vars(models):         # no document, or already inside one
-        yield
-        return
-    asked = []
-    models.invalidate = lambda: asked.append(True)            # Bokeh calls doc.models.invalidate()
-    try:
-        yield
-    finally:
-        del models.invalidate
-        if asked:
-            models.invalidate()
-
-
-def notify(kind: str, message: str) -> None:
-    """A readable notification (message escaped: notifications render HTML)."""
-    if pn.state.notifications is not None:
-        getattr(pn.state.notifications, kind)(html.escape(message), duration=6000)
+def k_fixed_text(state: RouterState) -> str:
+    """What k is under a scheme that does not take one (shown in place of the k slider)."""
+    s = state.scheme_info
+    if s.fixed_k:
+        return f"k = {s.fixed_k}: {s.fixed_k} expert{'s' if s.fixed_k > 1 else ''} per token (fixed by the scheme)"
+    res = state.result
+    if res is not None and res.scheme == state.scheme:
+        return f"k: {per_token_text(res)}"
+    return "k: experts choose tokens"
 
 
 class Dashboard(pn.viewable.Viewer):
@@ -100,18 +87,25 @@ class Dashboard(pn.viewable.Viewer):
         url_messages += apply_to_state(s, settings)
         self.lessons = LessonState(s)
         self._cards: dict[str, pn.Card] = {}
-        self._hold_routing = self._route_pending = False
+        self._hold_routing = self._route_pending = self._route_scheduled = False
         self._walk_cache = None
+        self.details = None
+        self._details_stale = True
+        self.toast = Toast(name="toast", margin=0)
         s.param.watch(self._route, ["text", "n_experts", "variant", "top_k", "scheme", "capacity_factor"])
-        s.param.watch(self._redraw, ["result", "layer"])
-        s.param.watch(self._on_select, ["selected_token"])
+        s.param.watch(self._redraw, ["result"])
+        s.param.watch(self._on_view, ["selected_token", "layer"])
         s.param.watch(self._on_error, ["error"])
         s.param.watch(self._on_notice, ["notice"])
         self._build_widgets()
         self._build_views()
         s.route()                 # draws through the `result` watcher
         if url_messages:
-            pn.state.onload(lambda: [notify("warning", m) for m in url_messages])
+            pn.state.onload(lambda: [self.notify("warning", m) for m in url_messages])
+
+    def notify(self, kind: str, message: str) -> None:
+        """A message at the bottom of the page for a few seconds (plain text, never HTML)."""
+        self.toast.show(kind, message)
 
     # -- widgets -----------------------------------------------------------------
 
@@ -119,24 +113,25 @@ class Dashboard(pn.viewable.Viewer):
         s = self.state
         ex = examples()
         shown = {v: k for k, v in ex.items()}.get(s.text, "(your text)")
-        self.preset = pn.widgets.Select(name="Example text", options=["(your text)", *ex], value=shown,
-                                        sizing_mode="stretch_width")
-        self.text = pn.widgets.TextAreaInput(name="Text to route", value=s.text, height=130, max_length=200_000,
-                                             sizing_mode="stretch_width", css_classes=["text-input"])
-        self.route_btn = pn.widgets.Button(name="Route", button_type="primary", width=90, align="end")
+        self.preset = pn.widgets.Select(name="Example text", options=["(your text)", *ex], value=shown, width=190)
+        self.text = pn.widgets.TextAreaInput(name="Text to route", value=s.text, height=64, max_length=200_000,
+                                             sizing_mode="stretch_width", css_classes=["text-input"],
+                                             styles={"flex": "1 1 300px", "min-width": "0"})
+        self.route_btn = pn.widgets.Button(name="Route", button_type="primary", width=80, align="end")
         self.n_experts = pn.widgets.RadioButtonGroup(name="N (experts)", options=list(s.param.n_experts.objects),
-                                                     value=s.n_experts, button_type="default")
+                                                     value=s.n_experts, button_type="default", align="end")
         self.variant = pn.widgets.Select(name="Model trained with", options=list(s.param.variant.objects),
-                                         value=s.variant)
+                                         value=s.variant, width=170)
         self.scheme = pn.widgets.Select(name="Routing scheme", options={v.label: k for k, v in SCHEMES.items()},
-                                        value=s.scheme)
+                                        value=s.scheme, width=220)
         self.top_k = pn.widgets.IntSlider(name="k (experts per token)", start=1, end=s.param.top_k.bounds[1],
-                                          value=s.top_k, step=1)
+                                          value=s.top_k, step=1, width=250, visible=s.scheme_info.uses_k)
+        # a scheme without a top-k says what it does instead, where the slider was
+        self.k_fixed = _html(width=250, css_classes=["k-fixed"], visible=not s.scheme_info.uses_k, align="end")
         self.capacity = pn.widgets.FloatSlider(name="Capacity factor", start=0.25, end=4.0, step=0.05,
-                                               value=s.capacity_factor, format="0.00")
-        self.layer = pn.widgets.RadioButtonGroup(name="Layer", options=self._layer_options(), value=s.layer)
-        self.numbers = pn.widgets.Checkbox(name="Show expert numbers on tokens", value=True)
-        self.badge = _html(sizing_mode="stretch_width", css_classes=["badge"])
+                                               value=s.capacity_factor, format="0.00", width=170,
+                                               disabled=not s.scheme_info.uses_capacity)
+        self.badge = _html(sizing_mode="stretch_width", css_classes=["badge"], margin=(0, 6))
 
         self.preset.param.watch(self._on_preset, "value")
         self.text.param.watch(self._on_typing, "value_input")
@@ -147,34 +142,29 @@ class Dashboard(pn.viewable.Viewer):
         self.scheme.param.watch(lambda e: setattr(s, "scheme", e.new), "value")
         self.top_k.param.watch(lambda e: setattr(s, "top_k", e.new), "value_throttled")
         self.capacity.param.watch(lambda e: setattr(s, "capacity_factor", e.new), "value_throttled")
-        self.layer.param.watch(lambda e: setattr(s, "layer", e.new), "value")
-        self.numbers.param.watch(lambda e: self._redraw_tokens(), "value")
-        s.param.watch(self._sync_widgets, ["n_experts", "variant", "top_k", "scheme", "capacity_factor", "layer"])
+        s.param.watch(self._sync_widgets, ["n_experts", "variant", "top_k", "scheme", "capacity_factor"])
         s.param.watch(self._sync_text, ["text"])
         self._typing_token = None
 
-        # classroom: lessons, presenter mode, share links, accessible table
-        self.lesson_pick = pn.widgets.Select(name="Guided lesson",
-                                             options={"(choose a lesson)": "", **{l.title: k for k, l in lessons().items()}},
-                                             value="", sizing_mode="stretch_width")
-        self.presenter = pn.widgets.Toggle(name="Presenter mode (large type)", value=bool(self.page.get("presenter")),
-                                           button_type="default", sizing_mode="stretch_width")
-        self.share_btn = pn.widgets.Button(name="Make a link to this view", button_type="default",
-                                           sizing_mode="stretch_width")
+        # classroom: lessons, presenter mode, share links (in the page's header)
+        self.lesson_pick = pn.widgets.Select(options={"Guided lesson\u2026": "", **{l.title: k for k, l in lessons().items()}},
+                                             value="", width=240, css_classes=["lesson-pick"])
+        self.presenter = pn.widgets.Toggle(name="Presenter mode", value=bool(self.page.get("presenter")), width=130)
+        self.share_btn = pn.widgets.Button(name="Link to this view", width=130)
         self.share_hide = pn.widgets.Checkbox(name="Lesson link: hide the controls", value=False)
-        self.share_url = pn.widgets.TextInput(name="Link (copy it)", value="", visible=False,
-                                              sizing_mode="stretch_width", css_classes=["share-url"])
-        self.as_table = pn.widgets.Checkbox(name="Show the heatmap as a table too", value=False)
+        self.share_url = pn.widgets.TextInput(name="Link (copy it)", value="", sizing_mode="stretch_width",
+                                              css_classes=["share-url"])
+        self.share_row = pn.Row(self.share_url, self.share_hide, visible=False, sizing_mode="stretch_width")
         self.page_control = PageControl(presenter=self.presenter.value)
         self.lesson_pick.param.watch(self._on_lesson_pick, "value")
-        self.presenter.param.watch(lambda e: setattr(self.page_control, "presenter", e.new), "value")
+        self.presenter.param.watch(self._on_presenter, "value")
         self.share_btn.on_click(self._make_link)
-        self.as_table.param.watch(lambda e: self._redraw_table(), "value")
+        self.share_hide.param.watch(self._make_link, "value")
         self.page_control.param.watch(lambda e: self._lesson_move(+1), "next_presses")
         self.page_control.param.watch(lambda e: self._lesson_move(-1), "prev_presses")
 
-    def _layer_options(self) -> dict:
-        return {"all": "all", **{f"layer {i}": i for i in self.state.param.layer.objects if i != "all"}}
+    def _on_presenter(self, event):
+        self.page_control.presenter = event.new
 
     def _sync_widgets(self, *events):
         s = self.state
@@ -184,12 +174,11 @@ class Dashboard(pn.viewable.Viewer):
         self.n_experts.value = s.n_experts
         self.top_k.end = s.param.top_k.bounds[1]
         self.top_k.value = s.top_k
-        self.top_k.disabled = not s.scheme_info.uses_k
+        self.top_k.visible = s.scheme_info.uses_k
+        self.k_fixed.visible = not s.scheme_info.uses_k
         self.capacity.value = s.capacity_factor
         self.capacity.disabled = not s.scheme_info.uses_capacity
         self.scheme.value = s.scheme
-        self.layer.options = self._layer_options()
-        self.layer.value = s.layer
 
     def _sync_text(self, event):
         """Text set by a lesson or a link shows in the text box (typing sets it the other way round)."""
@@ -226,106 +215,71 @@ class Dashboard(pn.viewable.Viewer):
     # -- views -------------------------------------------------------------------
 
     def _build_views(self):
-        self.tokens = TokenText(sizing_mode="stretch_width", min_height=120, name="token_text")
-        self.tokens.param.watch(lambda e: setattr(self.state, "selected_token", e.new), "selected")
-        self.detail = _html(sizing_mode="stretch_width", css_classes=["detail-pane"])
-        self.heatmap = HeatmapView(n_layer_max=len(self.state.param.layer.objects) - 1)
-        for src in self.heatmap.cells:
-            src.selected.on_change("indices", self._make_tap_handler(src))
-        self.flow = FlowView()
-        self.load = LoadView(n_layer_max=len(self.state.param.layer.objects) - 1)
-        self.balance = _html(sizing_mode="stretch_width")
-        self.counters = _html(sizing_mode="stretch_width")
-        self.strip = _html(sizing_mode="stretch_width", css_classes=["counter-strip"])
-        self.right_now = _md(sizing_mode="stretch_width", css_classes=["right-now"])
-        self.loss = _html(css_classes=["loss-readout"])
-        self.explainer = _md(sizing_mode="stretch_width", css_classes=["explainer"])
-        self.status = _html(css_classes=["status-line"], sizing_mode="stretch_width")
-        self.walk = _html(sizing_mode="stretch_width", css_classes=["walkthrough"])
-        self.walk_card = _card(self.walk, title="Inside the router: the selected token, step by step", name="walkthrough",
-                               collapsible=True, collapsed=True)
-        self.walk_card.param.watch(lambda e: self._redraw_walk(), "collapsed")
-        self.table_view = _html(sizing_mode="stretch_width", visible=False)
-        self.lesson_head = _html(sizing_mode="stretch_width", css_classes=["lesson-head"])
-        self.lesson_body = _md(sizing_mode="stretch_width", css_classes=["lesson-body"])
-        self.lesson_prev = pn.widgets.Button(name="\u25c0 Back", width=100)
-        self.lesson_next = pn.widgets.Button(name="Next \u25b6", button_type="primary", width=100)
-        self.lesson_exit = pn.widgets.Button(name="Close lesson", width=120)
+        s = self.state
+        self.screen = RouterScreen(name="router_screen", layer=s.layer,
+                                   sizing_mode="stretch_width", margin=(4, 6))
+        self.screen.param.watch(lambda e: setattr(s, "selected_token", e.new), "selected")
+        self.screen.param.watch(lambda e: setattr(s, "layer", e.new), "layer")
+        self.status = _html(css_classes=["status-line"], sizing_mode="stretch_width", margin=(0, 6))
+        self.lesson_head = _html(sizing_mode="stretch_width", css_classes=["lesson-head"], margin=0)
+        self.lesson_body = _md(sizing_mode="stretch_width", css_classes=["lesson-body"], margin=0)
+        self.lesson_prev = pn.widgets.Button(name="\u25c0 Back", width=90, margin=(0, 4))
+        self.lesson_next = pn.widgets.Button(name="Next \u25b6", button_type="primary", width=100, margin=(0, 4))
+        self.lesson_exit = pn.widgets.Button(name="Close lesson", width=110, margin=(0, 4))
         self.lesson_prev.on_click(lambda e: self._lesson_move(-1))
         self.lesson_next.on_click(lambda e: self._lesson_move(+1) if not self._lesson_at_end() else self._stop_lesson())
         self.lesson_exit.on_click(lambda e: self._stop_lesson())
+        # the lesson card sits in the page's flow above the screen: it never covers the view it is about
         self.lesson_bar = pn.Column(
-            self.lesson_head, self.lesson_body,
-            pn.Row(self.lesson_prev, self.lesson_next, self.lesson_exit,
-                   _html("<span class='muted'>Keys: \u2192 next, \u2190 back</span>", align="center")),
-            visible=False, css_classes=["lesson-bar"], name="lesson_bar", stylesheets=[LESSON_BAR_CSS])
+            pn.Row(self.lesson_head, self.lesson_prev, self.lesson_next, self.lesson_exit, sizing_mode="stretch_width",
+                   margin=0),
+            self.lesson_body,
+            visible=False, css_classes=["lesson-bar"], name="lesson_bar", sizing_mode="stretch_width",
+            stylesheets=[CSS])
 
-    def _make_tap_handler(self, src):
-        def handler(attr, old, new):
-            if new:
-                t = int(src.data["t"][new[0]])
-                src.selected.indices = []
-                self.state.selected_token = t
-        return handler
-
-    def _on_select(self, *events):
+    def _on_view(self, *events):
         s = self.state
-        with reindex_once(), pn.io.hold():
-            self.tokens.selected = s.selected_token
-            self.detail.object = token_detail(s.result, s.layers_shown(), s.selected_token)
-            self.heatmap.select(s.selected_token)
-            self.flow.update(s.result, self._flow_layer(), s.selected_token)
-            self._redraw_walk()
-            self._refresh_lesson_text()
+        self.screen.param.update(selected=s.selected_token, layer=s.layer)
+        self._redraw_details()
+        self._refresh_lesson_text()
 
-    def _redraw_walk(self):
-        """The step-by-step walkthrough costs one more forward pass: only while its card is open."""
-        s = self.state
-        if self.walk_card.collapsed or s.result is None:
-            return
-        t = min(s.selected_token, len(s.result.tokens) - 1)
-        try:
-            d = self._walkthrough(s.model, s.text, t, self._flow_layer(), **s.request())
-        except ValueError as e:
-            self.walk.object = f"<div class='muted'>{html.escape(str(e))}</div>"
-            return
-        self.walk.object = walkthrough_html(d)
-
-    def _redraw_table(self):
-        s = self.state
-        self.table_view.visible = self.as_table.value
-        if self.as_table.value:
-            self.table_view.object = routing_table_html(s.result, s.layers_shown())
-
-    def _flow_layer(self) -> int:
-        return 0 if self.state.layer == "all" else int(self.state.layer)
+    def _walkthrough(self, model, text, token, layer, **request):
+        """router_walkthrough, remembered for the last request (the lesson text and the walkthrough
+        card both quote it, and a redraw should not run the model twice)."""
+        key = (id(model), text, token, layer, tuple(sorted(request.items())))
+        if self._walk_cache is None or self._walk_cache[0] != key:
+            self._walk_cache = (key, router_walkthrough(model, text, token, layer, **request))
+        return self._walk_cache[1]
 
     def _on_error(self, event):
         if event.new:
-            notify("error", event.new)
+            self.notify("error", event.new)
 
     def _on_notice(self, event):
         if event.new:
-            notify("warning", event.new)
+            self.notify("warning", event.new)
 
     def _route(self, *events):
+        """Route again; in a served page, after the busy cue has reached the browser."""
         if self._hold_routing:
             self._route_pending = True
             return
+        doc = pn.state.curdoc
+        if doc is None or doc.session_context is None:
+            self._route_now()
+        elif not self._route_scheduled:
+            self._route_scheduled = True
+            self.screen.busy = True
+            pn.state.execute(self._scheduled_route, schedule=True)
+
+    def _scheduled_route(self):
+        self._route_scheduled = False
         self._route_now()
 
     def _route_now(self):
-        """Route, and let the views follow, with at most one re-index of the document (`reindex_once`).
-
-        Panel 1.9 renders an HTML pane with its Card's design modifiers (margin, stylesheets) but
-        re-derives them without the Card on an `object` update, so the first update of each pane
-        swaps its stylesheet models, and Bokeh would re-index the whole document once per such pane
-        (measured: 0.41 s for a session's first routing). (Re-sending every pane once at page load
-        settles them, but cost each browser ~3 s of re-rendering after the page loaded: tried,
-        measured, not kept.)
-        """
-        with reindex_once():
+        with pn.io.hold():
             self.state.route()
+            self.screen.busy = False
 
     @contextmanager
     def _one_route(self):
@@ -340,50 +294,112 @@ class Dashboard(pn.viewable.Viewer):
                 self._route_pending = False
                 self._route_now()
 
-    def _walkthrough(self, model, text, token, layer, **request):
-        """router_walkthrough, remembered for the last request (the lesson text and the walkthrough
-        card both quote it, and a redraw should not run the model twice)."""
-        key = (id(model), text, token, layer, tuple(sorted(request.items())))
-        if self._walk_cache is None or self._walk_cache[0] != key:
-            self._walk_cache = (key, router_walkthrough(model, text, token, layer, **request))
-        return self._walk_cache[1]
-
-    def _redraw_tokens(self):
-        s = self.state
-        self.tokens.data = json.dumps(token_view_data(s.result, s.layers_shown(), self.numbers.value))
-
     def _redraw(self, *events):
         s = self.state
         res = s.result
         if res is None:
             return
-        layers = s.layers_shown()
-        info = s.model_info
-        with reindex_once(), pn.io.hold():
-            self._redraw_tokens()
-            self.tokens.selected = s.selected_token
-            self.detail.object = token_detail(res, layers, s.selected_token)
-            self.heatmap.update(res, layers, s.selected_token)
-            self.flow.update(res, self._flow_layer(), s.selected_token)
-            self.load.update(res, layers)
-            self.balance.object = balance_table(res, layers)
-            self.counters.object = counters(res, s.model.config)
-            self.strip.object = counter_strip(res)
-            self.right_now.object = right_now(res, layers, info)
-            loss = "needs 2+ tokens" if res.loss is None else f"{res.loss:.3f}"
-            self.loss.object = (f"<div class='label'>Next-token loss on your text</div><div class='big'>{loss}</div>"
-                                f"<div class='muted'>nats; lower is better. Change k or the scheme to see "
-                                f"what it costs.</div>")
-            self.explainer.object = explainer_markdown(s.scheme)
+        with pn.io.hold():
+            self.screen.param.update(data=screen_json(res, s.model, corpus_profile(s.model)),
+                                     selected=s.selected_token, layer=s.layer)
+            self.k_fixed.object = f"<div class='k-fixed'>{html.escape(k_fixed_text(s))}</div>"
             badge = s.badge()
             self.badge.object = (f"<div class='badge-{badge['level']}'>"
-                                 + "<br>".join(html.escape(x) for x in badge["lines"]) + "</div>")
+                                 + " ".join(html.escape(x) for x in badge["lines"]) + "</div>")
             trunc = " (truncated)" if res.truncated else ""
             self.status.object = (f"<span class='muted'>{len(res.tokens):,} tokens{trunc} routed through "
-                                  f"{len(res.routings)} layers in {s.route_ms:.0f} ms on the server.</span>")
-            self._redraw_walk()
-            self._redraw_table()
+                                  f"{len(res.routings)} layers of {html.escape(s.model_info['name'])} in "
+                                  f"{s.route_ms:.0f} ms on the server.</span>")
+            self._redraw_details()
             self._refresh_lesson_text()
+
+    # -- the Router details tab (built when first opened) ------------------------
+
+    def details_tab(self):
+        n_layer = len(self.state.param.layer.objects)
+        d = self.details = SimpleNamespace()
+        d.detail = _html(sizing_mode="stretch_width", css_classes=["detail-pane"])
+        d.heatmap = HeatmapView(n_layer_max=n_layer)
+        for src in d.heatmap.cells:
+            src.selected.on_change("indices", self._make_tap_handler(src))
+        d.flow = FlowView()
+        d.balance = _html(sizing_mode="stretch_width")
+        d.right_now = _md(sizing_mode="stretch_width", css_classes=["right-now"])
+        d.loss = _html(css_classes=["loss-readout"])
+        d.explainer = _md(sizing_mode="stretch_width", css_classes=["explainer"])
+        d.walk = _html(sizing_mode="stretch_width", css_classes=["walkthrough"])
+        d.as_table = pn.widgets.Checkbox(name="Show the heatmap as a table too", value=False)
+        d.table_view = _html(sizing_mode="stretch_width", visible=False)
+        d.as_table.param.watch(lambda e: self._redraw_details(), "value")
+        c = self._named
+        from .views.export import ExportPanel
+
+        self.export = ExportPanel(state=self.state, css=CSS)
+        view = pn.Column(
+            _html("<div class='muted'>The same routing as the Router tab, every number of it. The selected token "
+                  "and layer follow the Router tab.</div>", sizing_mode="stretch_width"),
+            pn.Row(c("walkthrough", _card(d.walk, title="Inside the router: the selected token, step by step",
+                                          name="walkthrough")),
+                   c("detail", _card(d.detail, title="Selected token, every layer", width=420, name="detail")),
+                   sizing_mode="stretch_width"),
+            c("heatmap", _card(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in d.heatmap.figs],
+                               pn.pane.Bokeh(d.heatmap.legend), d.as_table, d.table_view,
+                               title="Heatmap: router probability, tokens \u00d7 experts (drag sideways to pan)",
+                               name="heatmap")),
+            pn.Row(
+                c("flow", _card(pn.pane.Bokeh(d.flow.fig, sizing_mode="stretch_width"),
+                                _html("<div class='muted'>Tokens around the selected one, left; experts, right. Line "
+                                      "width = combine weight; a dashed grey line = chosen but dropped (expert full)."
+                                      "</div>"),
+                                title="Flow: which experts each token goes to (selected layer)", name="flow")),
+                _card(d.loss, d.right_now, title="Quality and what to notice", width=420),
+                sizing_mode="stretch_width",
+            ),
+            c("balance", _card(d.balance, title="How balanced the load is, per layer", name="balance")),
+            c("explainer", _card(d.explainer, title="About this routing scheme", name="explainer")),
+            c("export", _card(self.export, title="Take it home: routing trace, code, plots", name="export")),
+            sizing_mode="stretch_width",
+        )
+        self._redraw_details()
+        return view
+
+    def _make_tap_handler(self, src):
+        def handler(attr, old, new):
+            if new:
+                t = int(src.data["t"][new[0]])
+                src.selected.indices = []
+                self.state.selected_token = t
+        return handler
+
+    def _redraw_details(self):
+        """Redraw the Router details tab if it is shown; else mark it stale (drawn when next opened)."""
+        s, d = self.state, self.details
+        res = s.result
+        shown = hasattr(self, "tabs") and self.tab_names[self.tabs.active] == "details"
+        self._details_stale = not shown
+        if d is None or res is None or not shown:
+            return
+        layers = s.layers_shown()
+        with pn.io.hold():
+            d.detail.object = token_detail(res, layers, s.selected_token)
+            d.heatmap.update(res, layers, s.selected_token)
+            d.flow.update(res, s.layer, s.selected_token)
+            d.balance.object = balance_table(res, layers)
+            d.right_now.object = right_now(res, layers, s.model_info)
+            loss = "needs 2+ tokens" if res.loss is None else f"{res.loss:.3f}"
+            d.loss.object = (f"<div class='label'>Next-token loss on your text</div><div class='big'>{loss}</div>"
+                             f"<div class='muted'>nats; lower is better. Change k or the scheme to see "
+                             f"what it costs.</div>")
+            d.explainer.object = explainer_markdown(s.scheme)
+            t = min(s.selected_token, len(res.tokens) - 1)
+            try:
+                w = self._walkthrough(s.model, s.text, t, s.layer, **s.request())
+                d.walk.object = walkthrough_html(w)
+            except ValueError as e:
+                d.walk.object = f"<div class='muted'>{html.escape(str(e))}</div>"
+            d.table_view.visible = d.as_table.value
+            if d.as_table.value:
+                d.table_view.object = routing_table_html(res, layers)
 
     # -- lessons and share links -----------------------------------------------------
 
@@ -400,7 +416,7 @@ class Dashboard(pn.viewable.Viewer):
             with self._one_route():
                 self.lessons.start(slug, step)
         except ValueError as e:
-            notify("error", str(e))
+            self.notify("error", str(e))
             return
         if self.lesson_pick.value != slug:
             self.lesson_pick.value = slug
@@ -424,20 +440,24 @@ class Dashboard(pn.viewable.Viewer):
             return
         if step.tab in self.tab_names:
             self.tabs.active = self.tab_names.index(step.tab)
-        if step.highlight == "walkthrough":
-            self.walk_card.collapsed = False
-        for name, card in self._cards.items():
-            classes = [c for c in card.css_classes if c != "lesson-focus"]
-            card.css_classes = classes + (["lesson-focus"] if name == step.highlight else [])
+        self._highlight(step.highlight)
         i, n = self.lessons.step, len(lesson.steps)
-        self.lesson_head.object = (f"<div class='label'>Lesson: {html.escape(lesson.title)} \u00b7 step {i + 1} of {n}"
-                                   f"</div><div class='lesson-title'>{html.escape(step.title)}</div>")
+        self.lesson_head.object = (f"<div class='lesson-title'>{html.escape(step.title)} <span class='label'>"
+                                   f"{html.escape(lesson.title)} \u00b7 step {i + 1} of {n}</span></div>")
         self.lesson_prev.disabled = i == 0
         self.lesson_next.name = "Finish \u2713" if i == n - 1 else "Next \u25b6"
         self.lesson_bar.visible = True
+        self.intro.visible = self.input.visible = False
         self._refresh_lesson_text()
-        self.page_control.param.update(lesson_active=True, scroll_to=f"view-{step.highlight}" if step.highlight else "",
+        scroll = "" if step.highlight in SCREEN_VIEWS or not step.highlight else f"view-{step.highlight}"
+        self.page_control.param.update(lesson_active=True, scroll_to=scroll,
                                        scroll_seq=self.page_control.scroll_seq + 1)
+
+    def _highlight(self, name: str | None):
+        self.screen.focus = name if name in SCREEN_VIEWS else ""
+        for view, card in self._cards.items():
+            classes = [c for c in card.css_classes if c != "lesson-focus"]
+            card.css_classes = classes + (["lesson-focus"] if view == name else [])
 
     def _refresh_lesson_text(self):
         step = self.lessons.current_step
@@ -447,8 +467,9 @@ class Dashboard(pn.viewable.Viewer):
     def _stop_lesson(self):
         self.lessons.stop()
         self.lesson_bar.visible = False
-        for card in self._cards.values():
-            card.css_classes = [c for c in card.css_classes if c != "lesson-focus"]
+        self.intro.visible = True
+        self.input.visible = "text" not in self.page.get("hide", [])
+        self._highlight(None)
         self.page_control.lesson_active = False
         if self.lesson_pick.value:
             self.lesson_pick.value = ""
@@ -461,88 +482,43 @@ class Dashboard(pn.viewable.Viewer):
         query = state_query(self.state, tab=tab, hide=["controls"] if self.share_hide.value else [],
                             lesson=lesson, step=self.lessons.step + 1 if lesson else None,
                             presenter=self.presenter.value)
-        self.share_url.param.update(value=share_url(base, query), visible=True)
+        self.share_url.value = share_url(base, query)
+        self.share_row.visible = True
         if len(self.state.text) > MAX_TEXT_IN_URL:
-            notify("warning", f"The link carries only the first {MAX_TEXT_IN_URL:,} characters of your text.")
+            self.notify("warning", f"The link carries only the first {MAX_TEXT_IN_URL:,} characters of your text.")
 
     # -- layout ------------------------------------------------------------------
 
-    def controls(self) -> list:
-        return [
-            _html("<div class='section'>Model</div>"),
-            self.n_experts, self.variant, self.badge, self.strip,
-            _html("<div class='section'>Routing</div>"),
-            self.scheme, self.top_k, self.capacity,
-            _html("<div class='section'>View</div>"),
-            self.layer, self.numbers, self.as_table,
-            _html("<div class='section'>Classroom</div>"),
-            self.lesson_pick, self.presenter, self.share_btn, self.share_hide, self.share_url,
-        ]
+    def header(self):
+        """The page's header bar: the title and the classroom tools."""
+        title = _html("<div class='app-title'>MoE Router Lab</div>", margin=(0, 10), align="center")
+        tools = pn.FlexBox(self.lesson_pick, self.presenter, self.share_btn, align_items="center", gap="0 6px",
+                           margin=0)
+        return pn.FlexBox(title, tools, css_classes=["app-header"], stylesheets=[CSS], sizing_mode="stretch_width",
+                          margin=0, align_items="center", justify_content="space-between")
 
-    def sidebar(self):
-        return pn.Column(*self.controls(), sizing_mode="stretch_width", name="controls")
+    def controls(self):
+        return pn.FlexBox(self.n_experts, self.variant, self.scheme, self.top_k, self.k_fixed, self.capacity,
+                          css_classes=["controls"], sizing_mode="stretch_width", align_items="flex-end",
+                          gap="2px 6px", margin=(0, 4))
 
     def input_row(self):
-        return pn.Column(
-            pn.Row(self.preset, self.route_btn, sizing_mode="stretch_width"),
-            self.text, self.status, sizing_mode="stretch_width", css_classes=["input-card"],
-        )
+        return pn.FlexBox(self.preset, self.text, self.route_btn, sizing_mode="stretch_width", css_classes=["input-row"],
+                          margin=0, align_items="flex-end", flex_wrap="wrap")
 
-    def _named(self, name: str, card: pn.Card) -> pn.Card:
+    def _named(self, name: str, card):
         self._cards[name] = card
         return card
 
     def router_tab(self):
-        c = self._named
+        hide = self.page.get("hide", [])
+        self.intro = _html(f"<div class='intro'>{INTRO}</div>", sizing_mode="stretch_width", margin=(2, 8))
         self.input = self.input_row()
-        if "text" in self.page.get("hide", []):
-            self.input.visible = False
-        return pn.Column(
-            self.input,
-            pn.Row(
-                c("tokens", _card(self.tokens, title="Your tokens, coloured by top-1 expert (underline: 2nd choice)",
-                                  name="tokens")),
-                c("detail", _card(self.detail, title="Selected token", width=400, name="detail")),
-                sizing_mode="stretch_width",
-            ),
-            c("walkthrough", self.walk_card),
-            c("heatmap", _card(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.heatmap.figs],
-                               pn.pane.Bokeh(self.heatmap.legend), self.table_view,
-                               title="Heatmap: router probability, tokens \u00d7 experts (drag sideways to pan)",
-                               name="heatmap")),
-            pn.Row(
-                c("flow", _card(pn.pane.Bokeh(self.flow.fig, sizing_mode="stretch_width"),
-                                _html("<div class='muted'>Tokens around the selected one, left; experts, right. Line "
-                                      "width = combine weight; a dashed grey line = chosen but dropped (expert full)."
-                                      "</div>"),
-                                title="Flow: which experts each token goes to", name="flow")),
-                _card(self.loss, self.right_now, title="Quality and what to notice", width=400),
-                sizing_mode="stretch_width",
-            ),
-            c("load", _card(pn.GridBox(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in self.load.figs],
-                                       ncols=2, sizing_mode="stretch_width"),
-                            _html("<div class='muted'>Dotted line: the fair share (tokens \u00d7 experts per token / "
-                                  "N). Dashed orange line: expert capacity, for schemes that have one.</div>"),
-                            self.balance,
-                            title="Load: tokens per expert, and how balanced it is", name="load")),
-            _card(self.explainer, title="About this routing scheme"),
-            self._named("export", _card(self._export_panel(), title="Take it home: routing trace, code, plots",
-                                        name="export")),
-            sizing_mode="stretch_width",
-        )
-
-    def _export_panel(self):
-        from .views.export import ExportPanel
-
-        self.export = ExportPanel(state=self.state, css=CSS)
-        return self.export
-
-    def _show_quiz_setup(self, setup: dict):
-        from .quiz import apply_setup
-
-        with self._one_route():
-            apply_setup(self.state, setup)
-        self.tabs.active = self.tab_names.index("router")
+        self.input.visible = "text" not in hide
+        self.control_row = self.controls()
+        self.control_row.visible = "controls" not in hide
+        return pn.Column(self.intro, self.input, self.control_row, self.screen, self.badge, self.status,
+                         sizing_mode="stretch_width", margin=0)
 
     def scale_tab(self):
         from .views.parallel import parallel_view
@@ -557,9 +533,12 @@ class Dashboard(pn.viewable.Viewer):
 
     def params_tab(self):
         c = self._named
+        self.param_counters = _html(counters(self.state.result, self.state.model.config), sizing_mode="stretch_width")
+        self.state.param.watch(lambda e: setattr(self.param_counters, "object", counters(e.new, self.state.model.config)),
+                               "result")
         return pn.Column(
-            c("counters", _card(self.counters, title="Total vs active parameters of the loaded model",
-                                name="counters")),
+            c("params", _card(self.param_counters, title="Total vs active parameters of the loaded model",
+                              name="params")),
             c("published", _card(_html(published_table(), sizing_mode="stretch_width"),
                                  pn.pane.Bokeh(published_chart(), sizing_mode="stretch_width"),
                                  title="Published MoE models: total vs active", name="published")),
@@ -569,7 +548,7 @@ class Dashboard(pn.viewable.Viewer):
     def compare_tab(self):
         from .views.compare import CompareView
 
-        self.compare = CompareView(state=self.state, css=CSS, notify=notify)
+        self.compare = CompareView(state=self.state, css=CSS, notify=self.notify)
         return self._named("compare", _card(
             _html("<div class='muted'>A is the Router tab's configuration; B is set here. Both route your text "
                   "through real models; change one thing at a time to see what it does.</div>"),
@@ -586,33 +565,36 @@ class Dashboard(pn.viewable.Viewer):
 
     def main(self):
         # Only the Router tab is built with the session; every other tab is built the first time it is
-        # opened (a lesson step or a link opens it too). A session costs a fraction of the CPU this way,
-        # which is what lets 60 students open the page at once on a small server.
-        tabs = [("router", "Router"), ("compare", "Compare"), ("profiles", "Expert profiles"),
-                ("lab", "Training lab"), ("params", "Parameters"), ("scale", "Scale"), ("quiz", "Quiz"),
-                ("learn", "Learn")]
-        self._builders = {"compare": self.compare_tab, "profiles": self.profiles_tab, "lab": self.lab_tab,
-                          "params": self.params_tab, "scale": self.scale_tab, "quiz": self.quiz_tab,
-                          "learn": self.learn_tab}
-        self._holders = {name: pn.Column(sizing_mode="stretch_width") for name in self._builders}
+        # opened (a lesson step or a link opens it too).
+        tabs = [("router", "Router"), ("details", "Router details"), ("compare", "Compare"),
+                ("profiles", "Expert profiles"), ("lab", "Training lab"), ("params", "Parameters"), ("scale", "Scale"),
+                ("quiz", "Quiz"), ("learn", "Learn")]
+        self._builders = {"details": self.details_tab, "compare": self.compare_tab, "profiles": self.profiles_tab,
+                          "lab": self.lab_tab, "params": self.params_tab, "scale": self.scale_tab,
+                          "quiz": self.quiz_tab, "learn": self.learn_tab}
+        # a tab not built yet holds one empty spacer (Bokeh warns about an empty layout)
+        self._holders = {name: pn.Column(pn.Spacer(height=0), sizing_mode="stretch_width") for name in self._builders}
         self.tab_names = [name for name, _ in tabs]
         views = [self.router_tab() if name == "router" else self._holders[name] for name, _ in tabs]
         hide_css = [".bk-header { display: none; }"] if "tabs" in self.page.get("hide", []) else []
+        # dynamic=False: a tab once built stays in the document. Panel 1.9 re-renders a pane updated while
+        # its tab is out of the document with stylesheets from its CDN (a classroom may have no internet)
         self.tabs = pn.Tabs(*[(label, view) for (_, label), view in zip(tabs, views)], sizing_mode="stretch_width",
-                            dynamic=True, stylesheets=hide_css, name="main_tabs")
+                            dynamic=False, stylesheets=hide_css, name="main_tabs", margin=0)
         self.tabs.param.watch(self._on_tab, "active")
         if self.page.get("tab") in self.tab_names:
             self.tabs.active = self.tab_names.index(self.page["tab"])
         if self.page.get("lesson"):
             step = self.page.get("step", 1) - 1
             pn.state.onload(lambda: self._start_lesson(self.page["lesson"], step))
-        return pn.Column(self.lesson_bar, self.tabs, self.page_control, sizing_mode="stretch_width")
+        return pn.Column(self.lesson_bar, self.share_row, self.tabs, self.page_control, sizing_mode="stretch_width",
+                         margin=0)
 
     def build_tab(self, name: str):
         """Build a tab's views now (first opening); later calls do nothing."""
         builder = self._builders.pop(name, None)
         if builder is not None:
-            with pn.io.hold(freeze=True):       # a whole tab of new models: re-index the document once
+            with pn.io.hold():
                 self._holders[name].objects = [builder()]
 
     @property
@@ -623,30 +605,46 @@ class Dashboard(pn.viewable.Viewer):
     def lab_tab(self):
         from .lab import TrainingLab
 
-        self._lab = TrainingLab(notify=notify, css=CSS, router_state=self.state)
+        self._lab = TrainingLab(notify=self.notify, css=CSS, router_state=self.state)
         return self._named("lab", pn.Column(self._lab, css_classes=["view-lab"], stylesheets=[FOCUS_CSS],
                                             sizing_mode="stretch_width"))
 
     def profiles_tab(self):
         from .views.profiles import ExpertProfiles
 
-        self.profiles = ExpertProfiles(state=self.state)
+        self.profiles = ExpertProfiles(state=self.state, notify=self.notify)
         return self._named("profiles", _card(self.profiles, name="profiles",
                                              title="What each expert learned (held-out corpus), and switching one off"))
 
     def quiz_tab(self):
         from .views.quiz import QuizView
 
-        self.quiz = QuizView(state=self.state, on_show=self._show_quiz_setup)
+        self.quiz = QuizView(state=self.state, on_show=self._show_quiz_setup, notify=self.notify)
         return self._named("quiz", _card(self.quiz, title="Predict, then check against the live model", name="quiz"))
+
+    def _show_quiz_setup(self, setup: dict):
+        from .quiz import apply_setup
+
+        with self._one_route():
+            apply_setup(self.state, setup)
+        self.tabs.active = self.tab_names.index("router")
 
     def _on_tab(self, event):
         self.build_tab(self.tab_names[event.new])
+        if self.tab_names[event.new] == "details" and self._details_stale:
+            self._redraw_details()
         if hasattr(self, "compare"):
             if self.tab_names[event.new] == "compare":
                 self.compare.show()
             else:
                 self.compare.shown = False
 
+    def page_layout(self):
+        """The whole page: header, lesson card, tabs."""
+        header = self.header()
+        header.visible = "header" not in self.page.get("hide", [])
+        return pn.Column(header, self.main(), self.toast, sizing_mode="stretch_width", margin=0,
+                         css_classes=["app-page"])
+
     def __panel__(self):
-        return pn.Row(pn.Column(self.sidebar(), width=300), self.main(), sizing_mode="stretch_width")
+        return self.page_layout()

@@ -98,7 +98,7 @@ class TrainingLab(pn.viewable.Viewer):
                                                 button_type="default")
         self.progress = pn.indicators.Progress(value=0, max=100, sizing_mode="stretch_width", bar_color="primary")
         self.status = pn.pane.HTML(stylesheets=self._css, sizing_mode="stretch_width")
-        self.layer = pn.widgets.RadioButtonGroup(name="Layer", options={"layer 0": 0, "layer 1": 1}, value=0)
+        self.layer = pn.widgets.RadioButtonGroup(name="Layer", options={"layer 0": 0, "layer 1": 1}, value=0, css_classes=["lab-layer"])
 
         self.preset.param.watch(self._on_preset, "value")
         self.scheme.param.watch(self._on_scheme, "value")

@@ -33,8 +33,8 @@ from moe_core.checkpoint import ASSETS
 from .share import TABS, apply_to_state, parse_query
 
 LESSON_DIR = ASSETS / "lessons"
-HIGHLIGHTS = ("counters", "published", "walkthrough", "tokens", "heatmap", "load", "flow", "detail", "lab",
-              "profiles", "compare", "scale", "quiz")
+HIGHLIGHTS = ("decide", "tokens", "load", "counters", "params", "published", "walkthrough", "heatmap", "flow",
+              "detail", "balance", "explainer", "lab", "profiles", "compare", "scale", "quiz")
 _SETTINGS = re.compile(r"^\s*<!--\s*(\{.*\})\s*-->\s*$")
 
 
@@ -125,7 +125,7 @@ def lesson_numbers(state, walkthrough=None) -> dict[str, str]:
     if res is None:
         return {}
     cfg = state.model.config
-    layer = 0 if state.layer == "all" else int(state.layer)
+    layer = state.layer
     r = res.routings[layer]
     m = balance_metrics(r)
     load = r.dispatch.sum(0).double()

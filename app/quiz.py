@@ -40,6 +40,7 @@ from moe_core.inference import route_text
 from moe_core.layer import MoELayer
 from moe_core.metrics import balance_metrics
 from moe_core.params import count_params
+from moe_core.profiles import load_profiles
 from moe_core.routing import SCHEMES
 
 from .state import catalog
@@ -300,6 +301,9 @@ def solve_nobalance_share(q: Question) -> Live:
     if balanced:
         ref = routed(load(balanced), q.setup["text"])
         nums["balanced_share"] = balance_metrics(ref.routings[layer])["top1_max_share"]
+        for key, name in (("corpus_share", q.setup["model"]), ("balanced_corpus_share", balanced)):
+            experts = load_profiles(load(name))["layers"][layer]["experts"]
+            nums[key] = max(e["share_first"] for e in experts)
     return Live(answer, nums)
 
 
@@ -458,8 +462,11 @@ def question_bank() -> list[Question]:
         {**make_setup("moe-n8-nobalance", PROSE_TEXT), "compare_with": "moe-n8"}, solve_nobalance_share,
         "Expert {busiest} was the first choice of {share:.0%} of the {n_tokens} tokens (fair share {fair:.1%}). "
         "On the same text, {balanced} (trained with the load-balancing loss) gives its busiest expert "
-        "{balanced_share:.0%}. Without a balancing term, the experts that get ahead early get more tokens, train "
-        "faster and get chosen even more (Shazeer et al. 2017, arXiv:1701.06538, \u00a74).",
+        "{balanced_share:.0%}: one text can be lopsided either way, because balance is trained over mixed batches, "
+        "not within one text (Qwen, arXiv:2501.11873). Over the held-out corpus the busiest expert takes "
+        "{corpus_share:.0%} without balancing and {balanced_corpus_share:.0%} with it. Without a balancing term, "
+        "the experts that get ahead early get more tokens, train faster and get chosen even more (Shazeer et al. "
+        "2017, arXiv:1701.06538, \u00a74).",
         options=("Under 20% (close to fair)", "20% to 40%", "40% to 60%", "Over 60%"),
     ))
     add(lambda: Question(

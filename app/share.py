@@ -18,7 +18,7 @@ from moe_core.routing import SCHEMES
 
 from .state import RouterState, catalog, examples
 
-TABS = ("router", "compare", "lab", "profiles", "params", "scale", "quiz", "learn")
+TABS = ("router", "details", "compare", "lab", "profiles", "params", "scale", "quiz", "learn")
 HIDEABLE = ("controls", "text", "tabs", "header")
 MAX_TEXT_IN_URL = 2000        # characters of text a link carries (browsers and proxies cut long URLs)
 MAX_VALUE_CHARS = 40          # longer values (other than text) are not worth reading
@@ -118,8 +118,8 @@ def parse_query(args: dict) -> tuple[dict, dict, list[str]]:
         else:
             state["capacity_factor"] = round(v, 2)
     if "layer" in raw:
-        if raw["layer"].strip() == "all":
-            state["layer"] = "all"
+        if raw["layer"].strip() == "all":    # older links showed every layer at once: the screen starts at 0
+            state["layer"] = 0
         else:
             v = _int("layer", raw["layer"], 0, 63, msgs)
             if v is not None:
@@ -188,7 +188,7 @@ def apply_to_state(state: RouterState, settings: dict) -> list[str]:
         if settings["layer"] in state.param.layer.objects:
             state.layer = settings["layer"]
         else:
-            msgs.append(f"This model has layers 0\u2013{len(state.param.layer.objects) - 2}; "
+            msgs.append(f"This model has layers 0\u2013{len(state.param.layer.objects) - 1}; "
                         f"the link's layer {settings['layer']} was ignored.")
     if "text" in settings:
         state.text = settings["text"]

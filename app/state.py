@@ -6,18 +6,18 @@ be driven from plain Python (tests, notebooks); the views only watch it.
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
+from collections import OrderedDict
 from functools import lru_cache
 
 import param
 import torch
 
-from app.allocator import release_freed_memory
 from moe_core.checkpoint import ASSETS, list_checkpoints, load
 from moe_core.inference import MAX_TOKENS, RouteResult, route_text
+from moe_core.profiles import cached_profiles
 from moe_core.routing import SCHEMES
 
 RECIPE_LABELS = {
@@ -26,12 +26,10 @@ RECIPE_LABELS = {
     "deepseek_bias": "DeepSeek bias",
     "untrained": "untrained",
 }
-RELEASE_PERIOD_S = 30       # how often the server hands freed memory back to the OS (release_freed_memory)
-QUIET_S = 20                # ... when nobody has routed anything for this long (housekeeping)
-FULL_GC_EVERY_S = 120       # a busy server still runs a full garbage collection this often
-_last_activity = [0.0]      # time.monotonic() of the last routing in this process
-_last_full_gc = [time.monotonic()]
 MAX_TEXT_CHARS = 200_000  # longer pastes are cut before tokenising (the token limit cuts again)
+ROUTE_CACHE_SIZE = 64     # routings remembered per process (texts up to ROUTE_CACHE_CHARS)
+ROUTE_CACHE_CHARS = 4_000
+_routes: OrderedDict = OrderedDict()
 
 
 @lru_cache(maxsize=1)
@@ -55,23 +53,42 @@ def catalog() -> list[dict]:
     return out
 
 
+@lru_cache(maxsize=64)
+def _shipped_profile(name: str) -> dict | None:
+    return cached_profiles(load(name))
+
+
+def corpus_profile(model) -> dict | None:
+    """The model's held-out profile (per-expert load over the corpus), if computed: cached per checkpoint."""
+    if any(m["name"] == model.name for m in catalog()):
+        return _shipped_profile(model.name)
+    return cached_profiles(model)
+
+
+def routed(model, text: str, request: dict) -> RouteResult:
+    """`route_text` for the app, remembered per process for short texts.
+
+    A class opening the page, or following a lesson step, routes the same text with the same model
+    and settings: it costs one routing, and every session reads the same result (never changed after
+    it is made). The entry holds the model, so its id cannot be reused by another model meanwhile."""
+    key = (id(model.model), text, tuple(sorted(request.items())))
+    hit = _routes.get(key)
+    if hit is not None:
+        _routes.move_to_end(key)
+        return hit[1]
+    res = route_text(model, text, max_tokens=MAX_TOKENS, truncate=True, **request)
+    if len(text) <= ROUTE_CACHE_CHARS:
+        _routes[key] = (model.model, res)
+        if len(_routes) > ROUTE_CACHE_SIZE:
+            _routes.popitem(last=False)
+    return res
+
+
 def preload_models() -> None:
     """Load every shipped checkpoint once (38.5 MB on disk, ~80 MB in memory) so the server's memory
     does not step up later, in the middle of a class, when someone first picks another model."""
     for m in catalog():
         load(m["name"])
-
-
-def defer_full_collections() -> None:
-    """Stop CPython from starting full (generation 2) garbage collections by itself; see housekeeping.
-
-    A full collection walks every tracked object of the process: 0.14 s for 312,000 objects
-    with a few sessions open, 0.8-1.6 s with 60, every ~20 s while a class was busy
-    (gc.callbacks in scripts/loadtest.py's server), and the event loop stalled each time.
-    Young collections (generations 0 and 1) keep their thresholds. Idempotent.
-    """
-    t0, t1, _ = gc.get_threshold()
-    gc.set_threshold(t0, t1, 2**31 - 1)
 
 
 ROUTE_THREADS = int(os.environ.get("MOE_LAB_ROUTE_THREADS", "1"))
@@ -90,27 +107,6 @@ def bound_route_threads(threads: int = ROUTE_THREADS) -> None:
         torch.set_num_threads(threads)
 
 
-def housekeeping(quiet_s: float = QUIET_S, full_gc_every_s: float = FULL_GC_EVERY_S) -> dict:
-    """The server's periodic clean-up (app/main.py runs it every RELEASE_PERIOD_S seconds).
-
-    Once nobody has routed anything for `quiet_s` seconds: a full garbage collection (closed
-    sessions' documents are reference cycles) and release_freed_memory. While students are
-    busy, only a full collection every `full_gc_every_s` seconds, and no malloc_trim: that
-    holds each arena's lock while it walks it, on the event-loop thread, and took 1.3-2.9 s
-    with 60 sessions open (asyncio slow-callback log), a stall every student felt as a late
-    update. Returns what it did.
-    """
-    now = time.monotonic()
-    quiet = now - _last_activity[0] >= quiet_s
-    done = {"collected": None, "released": False}
-    if quiet or now - _last_full_gc[0] >= full_gc_every_s:
-        done["collected"] = gc.collect()
-        _last_full_gc[0] = now
-    if quiet:
-        done["released"] = release_freed_memory()
-    return done
-
-
 class RouterState(param.Parameterized):
     """What the student has chosen, and the routing result for it."""
 
@@ -122,7 +118,7 @@ class RouterState(param.Parameterized):
     scheme = param.Selector(default="softmax_topk", objects=list(SCHEMES), doc="Routing scheme used at inference time.")
     capacity_factor = param.Number(default=1.0, bounds=(0.25, 4.0), step=0.05,
                                    doc="Slots per expert = ceil(factor x tokens / N), for capacity schemes.")
-    layer = param.Selector(default="all", objects=["all", 0, 1, 2, 3], doc="Which MoE layer the views show.")
+    layer = param.Selector(default=0, objects=[0, 1, 2, 3], doc="Which MoE layer the screen shows.")
     selected_token = param.Integer(default=0, bounds=(0, None), doc="Index of the token shown in detail.")
 
     result = param.Parameter(default=None, doc="The latest RouteResult (None until routed).")
@@ -225,9 +221,9 @@ class RouterState(param.Parameterized):
 
     def _sync_layers(self):
         n_layer = self.model.config.n_layer
-        self.param.layer.objects = ["all", *range(n_layer)]
+        self.param.layer.objects = list(range(n_layer))
         if self.layer not in self.param.layer.objects:
-            self.layer = "all"
+            self.layer = 0
 
     @param.depends("variant", watch=True)
     def _apply_model_defaults(self):
@@ -261,15 +257,12 @@ class RouterState(param.Parameterized):
             text = text[:MAX_TEXT_CHARS]
             notice = f"The text is very long: only its first {MAX_TEXT_CHARS:,} characters are routed."
         if not text:
-            self.param.update(error="The text is empty: type or paste something to route.")
-            return None
+            return self._fail("The text is empty: type or paste something to route.")
         t0 = time.perf_counter()
-        _last_activity[0] = time.monotonic()
         try:
-            res = route_text(self.model, text, max_tokens=MAX_TOKENS, truncate=True, **self.request())
+            res = routed(self.model, text, self.request())
         except ValueError as e:
-            self.param.update(error=str(e))
-            return None
+            return self._fail(str(e))
         ms = (time.perf_counter() - t0) * 1e3
         if res.truncated:
             notice = (f"The text has {res.n_tokens_in_text:,} tokens; only the first {MAX_TOKENS:,} are routed "
@@ -278,12 +271,18 @@ class RouterState(param.Parameterized):
         self.param.update(result=res, error="", notice=notice, route_ms=ms, selected_token=max(sel, 0))
         return res
 
+    def _fail(self, message: str) -> None:
+        """Say why this request failed, every time (the same message again still notifies)."""
+        if self.error == message:
+            self.param.trigger("error")
+        else:
+            self.error = message
+        return None
+
     def layers_shown(self) -> list[int]:
-        if self.result is None:
-            return []
-        n = len(self.result.routings)
-        return list(range(n)) if self.layer == "all" else [int(self.layer)]
+        """Every layer of the result (the detail views show them all; the screen shows `layer`)."""
+        return [] if self.result is None else list(range(len(self.result.routings)))
 
 
-__all__ = ["RouterState", "examples", "catalog", "preload_models", "MAX_TEXT_CHARS", "release_freed_memory",
-           "housekeeping", "defer_full_collections", "bound_route_threads"]
+__all__ = ["RouterState", "examples", "catalog", "corpus_profile", "routed", "preload_models", "MAX_TEXT_CHARS",
+           "bound_route_threads"]

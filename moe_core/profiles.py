@@ -318,13 +318,12 @@ def _cache_matches(doc: dict, net, card: dict, n_tokens: int) -> bool:
 _computed: dict[tuple[str, str, int], dict] = {}
 
 
-def load_profiles(model, *, n_tokens: int = PROFILE_TOKENS, directory: Path | None = None) -> dict:
-    """The profiles of `model` under its trained routing: from the cache if it matches, else computed now.
+def cached_profiles(model, *, n_tokens: int = PROFILE_TOKENS, directory: Path | None = None) -> dict | None:
+    """The profiles of `model` under its trained routing if they are already computed, else None (never computes).
 
-    `source` says which: "cache" (assets/profiles/NAME.json, checked against the
-    weights' fingerprint, the training steps and the slice hash) or "computed
-    now" (no cache file, or a stale one: the result is kept in memory for this
-    process, never written over the shipped file).
+    `source` says where they came from: "cache" (assets/profiles/NAME.json, checked against the
+    weights' fingerprint, the training steps and the slice hash) or "computed now" (earlier in this
+    process: kept in memory, never written over the shipped file).
     """
     name, net, card = _unwrap(model)
     path = Path(directory or PROFILE_DIR) / f"{name}.json"
@@ -335,11 +334,19 @@ def load_profiles(model, *, n_tokens: int = PROFILE_TOKENS, directory: Path | No
             doc = None
         if isinstance(doc, dict) and _cache_matches(doc, net, card, n_tokens):
             return {**doc, "source": "cache"}
+    return _computed.get((name, model_fingerprint(net), n_tokens))
+
+
+def load_profiles(model, *, n_tokens: int = PROFILE_TOKENS, directory: Path | None = None) -> dict:
+    """The profiles of `model` under its trained routing: `cached_profiles`, or computed now and kept."""
+    doc = cached_profiles(model, n_tokens=n_tokens, directory=directory)
+    if doc is not None:
+        return doc
+    name, net, _ = _unwrap(model)
     key = (name, model_fingerprint(net), n_tokens)
-    if key not in _computed:
-        if len(_computed) >= 32:            # lab models come and go: keep memory bounded
-            _computed.pop(next(iter(_computed)))
-        _computed[key] = expert_profiles(model, n_tokens=n_tokens)
+    if len(_computed) >= 32:            # lab models come and go: keep memory bounded
+        _computed.pop(next(iter(_computed)))
+    _computed[key] = expert_profiles(model, n_tokens=n_tokens)
     return _computed[key]
 
 

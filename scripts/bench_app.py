@@ -7,7 +7,7 @@
    result), while k alternates between 2 and 3 so each update is real work.
 2. Browser (--browser; needs chromium): a real `panel serve`, a headless
    chromium page; the time from releasing the k slider (a key press on its
-   handle) until the heatmap's data has changed in the page's Bokeh document,
+   handle) until the first screen's routing record has changed in the page's Bokeh document,
    measured with the page's own clock.
 """
 from __future__ import annotations
@@ -88,19 +88,18 @@ def browser_round_trip(n_tokens: int, repeats: int) -> dict:
                                         args=["--headless", "--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(url)
-            page.wait_for_function("() => window.Bokeh && Bokeh.documents.length && "
-                                   "Bokeh.documents[0].get_model_by_name('heat_cells_0') && "
-                                   "Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length > 0")
+            screen = "Bokeh.documents[0].get_model_by_name('router_screen')"
+            page.wait_for_function(f"() => window.Bokeh && Bokeh.documents.length && {screen} && "
+                                   f"{screen}.data.length > 2")
             box = page.locator("textarea").first
             box.fill(text_of_tokens(n_tokens))
             box.press("Tab")
-            page.wait_for_function(f"() => Bokeh.documents[0].get_model_by_name('heat_image_0').data.dw[0] "
-                                   f">= {n_tokens - 2}", timeout=30_000)
+            page.wait_for_function(f"() => JSON.parse({screen}.data).tokens.length >= {n_tokens - 2}", timeout=30_000)
             page.wait_for_timeout(500)
             handle = page.locator(".noUi-handle").first
             times = []
             for i in range(repeats + 1):
-                page.evaluate("""() => { const m = Bokeh.documents[0].get_model_by_name('heat_cells_0');
+                page.evaluate("""() => { const m = Bokeh.documents[0].get_model_by_name('router_screen');
                     window.__t0 = null; window.__t1 = null;
                     if (!window.__hooked) { window.__hooked = true;
                         m.properties.data.change.connect(() => { window.__t1 = performance.now(); }); } }""")
@@ -112,7 +111,7 @@ def browser_round_trip(n_tokens: int, repeats: int) -> dict:
                     times.append(page.evaluate("() => window.__t1 - window.__t0"))
                 page.wait_for_timeout(300)
             browser.close()
-        return {"slider_to_heatmap_ms_median": statistics.median(times), "slider_to_heatmap_ms_max": max(times)}
+        return {"slider_to_screen_ms_median": statistics.median(times), "slider_to_screen_ms_max": max(times)}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)

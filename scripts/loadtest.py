@@ -9,14 +9,17 @@ between changes (--think seconds, uniform). This script does exactly that with
 two kinds of real session:
 
 * `--browsers` headless chromium pages (Playwright): the whole page is loaded
-  and rendered; an update is timed with the page's own clock from the key press
-  (or text commit) until the heatmap's ColumnDataSource has changed.
+  and rendered (ready: the first screen, the RouterScreen component, has drawn
+  its token chips); an update is timed with the page's own clock from the key
+  press (or text commit) until the RouterScreen's `data` has changed.
 * the rest are lightweight sessions that speak Bokeh's websocket protocol the
   way BokehJS does, without rendering: GET the page (the server creates the
   session and runs app/main.py for it), open the websocket with the session's
   token, pull the document (PULL-DOC-REQ), then send PATCH-DOC events that set
   widget values (text, k, N, scheme) and time until the server pushes the
-  heatmap's (or status line's) new data back. Only JSON is parsed: one client
+  RouterScreen's new `data` back (ready: the pulled document's RouterScreen has
+  data, or the server has sent it). Against a page without a RouterScreen (an
+  older app), the heatmap's ColumnDataSource and the status line stand in. Only JSON is parsed: one client
   process holds dozens of them for a few MB and little CPU, so the server is
   what gets measured.
 
@@ -307,6 +310,11 @@ class LightSession:
     ws_upstream: str | None = None         # ... and of the websocket upgrade
     ids: dict = field(default_factory=dict)
     widget_of: dict = field(default_factory=dict)
+    get_s: float | None = None             # the page GET alone (the server builds the session meanwhile)
+    html_bytes: int | None = None          # the page's HTML
+    doc_bytes: int | None = None           # the PULL-DOC reply, every websocket fragment of it
+    n_models: int | None = None            # models in the pulled document
+    model_types: dict = field(default_factory=dict)   # {type name: count} in the pulled document
 
     async def open(self) -> float:
         """GET the page, open the websocket, pull the document; returns the seconds this took."""
@@ -321,6 +329,7 @@ class LightSession:
         t0 = time.monotonic()
         r = await AsyncHTTPClient().fetch(HTTPRequest(self.url, request_timeout=self.timeout_s,
                                                       network_interface=self.source_ip))
+        self.get_s, self.html_bytes = time.monotonic() - t0, len(r.body)
         self.upstream = r.headers.get("X-Upstream")
         # a browser sends the page's cookies with its websocket (the cookie-sticky proxy relies on it)
         cookies = "; ".join(c.split(";", 1)[0] for c in r.headers.get_list("Set-Cookie"))
@@ -346,11 +355,25 @@ class LightSession:
         reply = await self._send("PULL-DOC-REQ", {}, wait=True)
         objs: dict = {}
         walk_objects(reply.content["doc"], objs)
+        self.n_models = len(objs)
+        self.model_types = {}
+        for name, _ in objs.values():
+            self.model_types[str(name)] = self.model_types.get(str(name), 0) + 1
         self._index(objs)
+        self.changed.clear()
         # BokehJS announces that it has rendered the document; Panel then counts the session as
         # connected (its onload callbacks run, and later changes are sent at once, not queued)
         await self._send("PATCH-DOC", {"events": [{"kind": "MessageSent", "msg_type": "bokeh_event", "msg_data": {
             "type": "event", "name": "document_ready", "values": {"type": "map", "entries": []}}}]})
+        if self.ids.get("screen") and not self.screen_has_data:
+            # the first screen's data comes after the document (e.g. routed once the page is there): the
+            # page is ready when it has arrived
+            try:
+                await asyncio.wait_for(self.changed.wait(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise UpdateTimeout(f"RouterScreen data not sent within {self.timeout_s} s") from None
+            if self.closed:
+                raise ConnectionError("websocket closed")
         return time.monotonic() - t0
 
     def _index(self, objs: dict) -> None:
@@ -358,42 +381,68 @@ class LightSession:
             # type names are qualified for Panel's own models (panel.models.widgets.CustomSelect)
             return next((i for i, (k, a) in objs.items() if str(k).rsplit(".", 1)[-1] == kind and pred(a)), None)
 
+        def ref(v):
+            return v.get("id") if isinstance(v, dict) else None
+
+        # the first screen: ONE Panel JSComponent (app/views/screen.py). Its Bokeh model (ReactiveESM,
+        # class_name RouterScreen) keeps the component's parameters on a DataModel: `data` (JSON), `layer`
+        screen = find("ReactiveESM", lambda a: a.get("class_name") == "RouterScreen")
+        screen_data = ref(objs[screen][1].get("data")) if screen else None
+        if screen_data is None:
+            screen_data = next((i for i, (k, a) in objs.items()
+                                if a.get("name") == "router_screen" and "layer" in a and "data" in a), None)
         self.ids = {
+            "screen": screen_data,
             "heat": find("ColumnDataSource", lambda a: a.get("name") == "heat_cells_0"),
             "status": find("HTML", lambda a: "routed through" in str(a.get("text", ""))),
             "text": find("TextAreaInput"),
-            "k": find("Slider", lambda a: str(a.get("title", "")).startswith("k (")),
-            "scheme": find("CustomSelect", lambda a: "Expert Choice" in json.dumps(a.get("options", ""))),
-            "n": find("RadioButtonGroup", lambda a: a.get("labels", [""])[0].isdigit()),
+            "k": find("Slider", lambda a: re.match(r"\s*k\b", str(a.get("title", ""))) is not None),
+            # the scheme's select: its option labels are the schemes' (a lesson picker may mention one)
+            "scheme": find("CustomSelect", lambda a: len(set(SCHEMES) & {o if isinstance(o, str) else str(o[-1])
+                                                                        for o in a.get("options") or []}) >= 2),
+            "n": find("RadioButtonGroup", lambda a: str((a.get("labels") or [""])[0]).isdigit()),
             "cf": find("Slider", lambda a: str(a.get("title", "")).startswith("Capacity factor")),
         }
-        missing = [k for k, v in self.ids.items() if v is None]
+        # without a RouterScreen (an older page), the heatmap and the status line say that an update arrived
+        optional = {"heat", "status", "cf"} if screen_data else {"screen", "cf"}
+        missing = [k for k, v in self.ids.items() if v is None and k not in optional]
         if missing:
             raise RuntimeError(f"models not found in the pulled document: {missing}")
+        self.screen_has_data = bool(screen_data and str(objs[screen_data][1].get("data") or "").strip()
+                                    not in ("", "{}", "null"))
         self.n_labels = objs[self.ids["n"]][1]["labels"]
         self.k = int(objs[self.ids["k"]][1].get("value", 2))
-        self.k_disabled = bool(objs[self.ids["k"]][1].get("disabled", False))
-        self.cf = float(objs[self.ids["cf"]][1].get("value", 1.0))
+        # a control a student cannot move: greyed out (disabled) or hidden (visible: false)
+        self.control_state = {key: {"disabled": bool(objs[self.ids[key]][1].get("disabled", False)),
+                                    "visible": objs[self.ids[key]][1].get("visible", True) is not False}
+                              for key in ("k", "cf") if self.ids[key]}
+        self.off = {key: st["disabled"] or not st["visible"] for key, st in self.control_state.items()}
+        self.cf = float(objs[self.ids["cf"]][1].get("value", 1.0)) if self.ids["cf"] else 1.0
         self.n_active = objs[self.ids["n"]][1].get("active", 0)
         self.scheme = objs[self.ids["scheme"]][1].get("value")
         # Panel's Select model holds [value, label] pairs and its value is the scheme's key (e.g. "switch")
         options = [(o, o) if isinstance(o, str) else tuple(o) for o in objs[self.ids["scheme"]][1].get("options", [])]
         self.schemes = [v for v, label in options if label in SCHEMES] or [v for v, _ in options]
         self.widget_of = {self.ids["k"]: "k", self.ids["n"]: "n_active", self.ids["scheme"]: "scheme",
-                          self.ids["cf"]: "cf"}
-        self.watch = {self.ids["heat"], self.ids["status"]}
+                          **({self.ids["cf"]: "cf"} if self.ids["cf"] else {})}
+        self.watch = {self.ids["screen"]} if self.ids["screen"] else {self.ids["heat"], self.ids["status"]} - {None}
 
     async def _read(self) -> None:
         first = True
+        nbytes = 0
         try:
             while True:
                 frag = await self.ws.read_message()
                 if frag is None:
                     break
                 self.last_msg = time.monotonic()
+                nbytes += len(frag.encode()) if isinstance(frag, str) else len(frag)
                 msg = await self.receiver.consume(frag)
                 if msg is None:
                     continue
+                if msg.msgtype == "PULL-DOC-REPLY":
+                    self.doc_bytes = nbytes
+                nbytes = 0
                 if first:
                     first = False
                     self.pending.pop(None).set_result(msg)
@@ -407,9 +456,14 @@ class LightSession:
                         key = self.widget_of.get((ev.get("model") or {}).get("id"))
                         if key and ev.get("kind") == "ModelChanged" and ev.get("attr") in ("value", "active"):
                             setattr(self, key, ev["new"])
-                        elif key == "k" and ev.get("kind") == "ModelChanged" and ev.get("attr") == "disabled":
-                            self.k_disabled = bool(ev["new"])   # Switch and Expert Choice fix k
-                    touched = {(ev.get("model") or {}).get("id") for ev in events}
+                        elif key in ("k", "cf") and ev.get("kind") == "ModelChanged" and ev.get("attr") in ("disabled", "visible"):
+                            # Switch and Expert Choice fix k: the page greys out or hides the k slider
+                            self.control_state[key][ev["attr"]] = bool(ev["new"])
+                            st = self.control_state[key]
+                            self.off[key] = st["disabled"] or not st["visible"]
+                    # the screen's DataModel also holds `layer` and `selected`: only its `data` is an update
+                    touched = {(ev.get("model") or {}).get("id") for ev in events
+                               if (ev.get("model") or {}).get("id") != self.ids.get("screen") or ev.get("attr") == "data"}
                     if touched & self.watch:
                         self.changed.set()
         finally:
@@ -450,9 +504,11 @@ class LightSession:
         """One student action: 'text' (fresh text), 'k', 'n' (another N) or 'scheme'."""
         if kind == "text":
             return await self.set([("text", "value", fresh_text(rng))])
-        if kind == "k" and self.k_disabled:
-            # the scheme fixes k (Switch, Expert Choice): the page greys the k slider out, so a student
-            # moves the capacity factor, the control those schemes do have
+        if kind == "k" and self.off.get("k") and (not self.ids["cf"] or self.off.get("cf")):
+            kind = "scheme"             # nothing else to move: another scheme
+        if kind == "k" and self.off.get("k"):
+            # the scheme fixes k (Switch, Expert Choice): the page greys out or hides the k slider, so a
+            # student moves the capacity factor, the control those schemes do have
             self.cf = 1.0 if self.cf >= 2.0 else round(self.cf + 0.5, 2)
             return await self.set([("cf", "value", self.cf), ("cf", "value_throttled", self.cf)])
         if kind == "k":
@@ -473,19 +529,40 @@ class LightSession:
 
 # ----------------------------------------------------------------------------- the browser sessions
 
-READY = ("() => window.Bokeh && Bokeh.documents.length && Bokeh.documents[0].get_model_by_name('heat_cells_0') "
-         "&& Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length > 0")
-HOOK = """() => { const m = Bokeh.documents[0].get_model_by_name('heat_cells_0'); window.__t1 = null;
+# In the page: the RouterScreen's DataModel (its `data` is the JSON the server replaces after each routing),
+# and the component's shadow root (div.screen, its token chips span.tok in .view-tokens). Pages without a
+# RouterScreen (an older app) fall back to the heatmap's ColumnDataSource.
+PAGE_HELPERS = r"""() => { if (window.__lt) return;
+    const deep = (root, sel) => { const hit = root.querySelector(sel); if (hit) return hit;
+        for (const el of root.querySelectorAll('*')) if (el.shadowRoot) { const h = deep(el.shadowRoot, sel); if (h) return h; }
+        return null; };
+    const lt = window.__lt = { deep };
+    lt.screenModel = () => { if (!(window.Bokeh && Bokeh.documents.length)) return null;
+        for (const m of Bokeh.documents[0].all_models)
+            if (m.class_name === 'RouterScreen' && m.data && 'data' in m.data.properties) return m.data;
+        return null; };
+    lt.screenRoot = () => { if (lt._root && lt._root.host && lt._root.host.isConnected) return lt._root;
+        const el = deep(document, 'div.screen'); lt._root = el ? el.getRootNode() : null; return lt._root; };
+    lt.firstTok = () => { const r = lt.screenRoot(); return r ? r.querySelector('.view-tokens span.tok') : null; };
+    lt.watched = () => { const m = lt.screenModel(); if (m) return [m, 'data'];
+        const h = window.Bokeh && Bokeh.documents.length && Bokeh.documents[0].get_model_by_name('heat_cells_0');
+        return h ? [h, 'data'] : null; };
+}"""
+READY = ("() => { if (!(window.Bokeh && Bokeh.documents.length)) return false; (" + PAGE_HELPERS + ")(); "
+         "const m = __lt.screenModel(); if (m) return !!(m.data && __lt.firstTok()); "
+         "const h = Bokeh.documents[0].get_model_by_name('heat_cells_0'); return !!(h && h.data.t.length > 0); }")
+HOOK = """() => { const [m, attr] = __lt.watched(); window.__t1 = null;
     if (!window.__hooked) { window.__hooked = true;
-        m.properties.data.change.connect(() => { if (window.__t1 === null) window.__t1 = performance.now(); }); } }"""
+        m.properties[attr].change.connect(() => { if (window.__t1 === null) window.__t1 = performance.now(); }); } }"""
 
-
+# the k control: a Panel IntSlider whose label starts with "k"
 K_VALUE = ("() => { for (const m of Bokeh.documents[0].all_models) { if (typeof m.title === 'string' && "
-           "m.title.startsWith('k (') && 'value_throttled' in m) return m.value; } return null; }")
+           "/^\\s*k\\b/.test(m.title) && 'value_throttled' in m) return m.value; } return null; }")
+K_TITLE = re.compile(r"^\s*k\b")
 
 
 async def browser_open(browser, url: str, timeout_s: float):
-    """A new context (a new Panel session); seconds from navigation until the heatmap has data."""
+    """A new context (a new Panel session); seconds from navigation until the first screen has drawn its data."""
     ctx = await browser.new_context(viewport={"width": 1280, "height": 800})
     page = await ctx.new_page()
     page.set_default_timeout(timeout_s * 1000)
@@ -496,16 +573,17 @@ async def browser_open(browser, url: str, timeout_s: float):
 
 
 async def browser_act(page, kind: str, rng: random.Random, timeout_s: float) -> float:
-    """Press the k slider or commit fresh text; ms on the page's clock until the heatmap changed."""
+    """Press the k slider or commit fresh text; seconds on the page's clock until the RouterScreen's data changed."""
     await page.evaluate(HOOK)
     if kind == "text":
-        box = page.locator("textarea").first
+        box = page.locator(".text-input textarea")       # the text box (css class "text-input")
+        box = box.first if await box.count() else page.locator("textarea").first
         await box.fill(fresh_text(rng))
         await page.evaluate("() => { window.__t0 = performance.now(); }")
         await box.press("Tab")
     else:                      # k: up from 1 or 2, down from 3 or more (a press that changes nothing would hang)
         k = await page.evaluate(K_VALUE)
-        group = page.locator(".bk-input-group").filter(has=page.locator(".bk-slider-title", has_text="k (experts"))
+        group = page.locator(".bk-input-group").filter(has=page.locator(".bk-slider-title", has_text=K_TITLE))
         handle = group.locator(".noUi-handle").first
         await handle.focus()
         await page.evaluate("() => { window.__t0 = performance.now(); }")
@@ -654,6 +732,7 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
     return {"all_open_s": round(all_open_s, 1), "rss_mb_all_open": all_open_rss and round(all_open_rss, 1),
             "rss_mb_peak_sampled": round(peak[0], 1) if sample else None,
             "page_load_browser": summary(loads["browser"]), "page_load_light": summary(loads["light"]),
+            "page_load_all": summary(loads["browser"] + loads["light"]),
             "update_browser": summary(updates["browser"]), "update_light": summary(updates["light"]),
             "update_all": summary(updates["browser"] + updates["light"]),
             "update_while_others_arrive": summary(by_phase["arriving"]),
@@ -671,7 +750,7 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
 
 
 async def first_page_interactive(url: str, timeout_s: float = 60) -> float:
-    """Seconds from navigation until the first page is interactive (heatmap drawn), server otherwise idle."""
+    """Seconds from navigation until the first page is interactive (first screen drawn), server otherwise idle."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
@@ -700,6 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arrival", type=float, default=10, help="students open the link within this many seconds")
     ap.add_argument("--timeout", type=float, default=120, help="per page load / update, seconds")
     ap.add_argument("--num-procs", type=int, default=1)
+    ap.add_argument("--port", type=int, default=0, help="the app server's port (0: any free one)")
     ap.add_argument("--app", default="app/main.py", help="the app script to serve (to compare a variant)")
     ap.add_argument("--upstreams", type=int, default=0,
                     help="start this many app processes behind nginx (deploy/nginx-classroom.conf, sticky by "
@@ -727,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         print(f"--think must be min,max seconds (e.g. 4,12), got {args.think!r}", file=sys.stderr)
+        return 2
+    if not 0 <= args.port <= 65535:
+        print(f"--port must be 0..65535, got {args.port}", file=sys.stderr)
         return 2
     if args.sessions < 1 or not 0 <= args.browsers <= args.sessions:
         print("--sessions must be >= 1 and 0 <= --browsers <= --sessions", file=sys.stderr)
@@ -765,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
             res.update(upstreams=args.upstreams, server_cmd=" ".join(servers[0].cmd[2:]),
                        startup_ready_s=round(max(s.ready_s for s in servers), 2))
         else:
-            servers = [Server(num_procs=args.num_procs, extra=lifetime, app=args.app, server_env=server_env)]
+            servers = [Server(port=args.port, num_procs=args.num_procs, extra=lifetime, app=args.app,
+                              server_env=server_env)]
             server = servers[0].wait_ready()
             url, pids = server.url, [server.proc.pid]
             res.update(num_procs=args.num_procs, server_cmd=" ".join(server.cmd[2:]),

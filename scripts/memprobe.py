@@ -34,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WATCHED = ("Dashboard", "RouterState", "TrainingLab", "TokenText", "Document", "ColumnDataSource", "Figure",
+WATCHED = ("Dashboard", "RouterState", "TrainingLab", "RouterScreen", "Document", "ColumnDataSource", "Figure",
            "ServerSession", "BokehSessionContext", "Template", "BootstrapTemplate", "Tabs", "HeatmapView",
            "FlowView", "LoadView", "Notification", "NotificationArea", "Location")
 
@@ -129,8 +129,8 @@ class Opener:
         page.set_default_timeout(180_000)     # a loaded 2-core machine can take a minute to build a session
         page.goto(self.url)
         page.wait_for_function("() => window.Bokeh && Bokeh.documents.length && "
-                               "Bokeh.documents[0].get_model_by_name('heat_cells_0') !== null", timeout=180_000)
-        # render every tab once (they are dynamic: a tab's models exist only after it was shown), then back
+                               "Bokeh.documents[0].get_model_by_name('router_screen') !== null", timeout=180_000)
+        # open every tab once (a tab is built the first time it is shown), then back
         # to the first; through the Tabs model, since a narrow window can hide tab headers from a click
         find = ("Bokeh.documents.map(d => d.get_model_by_name('main_tabs')).find(t => t)")
         n_tabs = page.evaluate(f"() => {{ const t = {find}; return t ? t.tabs.length : 0; }}")

@@ -54,7 +54,7 @@ def student_action(page, rng, texts, kind: str | None = None, choice: str | None
     elif kind == "n":
         page.get_by_role("button", name=choice or rng.choice(N_LABELS), exact=True).click()
     elif kind == "layer":
-        page.get_by_text(rng.choice(["all", "layer 0", "layer 3"]), exact=True).first.click()
+        page.get_by_role("button", name=rng.choice(["Layer 0", "Layer 1", "Layer 3"]), exact=True).first.click()
     else:
         sel = page.locator("select", has=page.locator("option", has_text="Expert Choice")).first
         sel.select_option(label=choice or rng.choice(SCHEME_LABELS))
@@ -118,8 +118,8 @@ def main() -> int:
             browser = p.chromium.launch(executable_path=os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"),
                                         args=["--headless", "--no-sandbox", "--disable-gpu"])
             ready = ("() => window.Bokeh && Bokeh.documents.length && "
-                     "Bokeh.documents[0].get_model_by_name('heat_cells_0') && "
-                     "Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length > 0")
+                     "Bokeh.documents[0].get_model_by_name('router_screen') && "
+                     "Bokeh.documents[0].get_model_by_name('router_screen').data.length > 2")
             pages = []
             t0 = time.monotonic()
             for _ in range(args.sessions):

@@ -40,7 +40,7 @@ def test_lab_job_to_plots_to_download_to_router(tmp_path):
     assert state.variant == state.LAB_VARIANT and state.model.name == "lab-model"
     res = state.route()
     assert res is not None and len(res.routings) == 2
-    assert state.param.layer.objects == ["all", 0, 1]
+    assert state.param.layer.objects == [0, 1]
     assert messages and messages[-1][0] == "success"
     state.variant = "balanced (aux loss)"          # back to a shipped model
     assert len(state.route().routings) == 4

@@ -78,7 +78,7 @@ def test_long_values_are_cut_in_messages_and_text_is_capped():
 def test_a_layer_the_model_lacks_is_reported_when_applied():
     s = RouterState()
     msgs = apply_to_state(s, parse_query({"layer": ["40"]})[0])
-    assert s.layer == "all" and "layers 0\u20133" in msgs[0]
+    assert s.layer == 0 and "layers 0\u20133" in msgs[0]
 
 
 def test_share_url_percent_encodes_everything():
@@ -88,12 +88,12 @@ def test_share_url_percent_encodes_everything():
 
 def test_dashboard_link_button_builds_a_url_that_reopens_the_view():
     d = Dashboard()
-    d.sidebar(), d.main()
+    d.page_layout()
     d.state.top_k = 3
     d.tabs.active = d.tab_names.index("params")
     d.share_hide.value = True
     d._make_link()
-    assert d.share_url.visible
+    assert d.share_row.visible
     from urllib.parse import parse_qs, urlparse
     q = parse_qs(urlparse(d.share_url.value).query)
     assert q["k"] == ["3"] and q["tab"] == ["params"] and q["hide"] == ["controls"]
@@ -163,20 +163,24 @@ def test_bad_lesson_files_and_requests_are_explained():
 
 def test_dashboard_lesson_moves_tabs_highlights_and_keys():
     d = Dashboard()
-    d.sidebar(), d.main()
+    d.page_layout()
     d._start_lesson("total-vs-active")
-    assert d.lesson_bar.visible and d.tab_names[d.tabs.active] == "params"
-    assert "lesson-focus" in d._cards["counters"].css_classes
+    assert d.lesson_bar.visible and d.tab_names[d.tabs.active] == "router"
+    assert d.screen.focus == "counters"                  # the counters on the first screen are framed
+    assert not d.input.visible and not d.intro.visible    # the lesson card takes their place, above the screen
     assert d.page_control.lesson_active
     d.page_control.next_presses += 1                     # the Right-arrow key in the browser
     assert d.lessons.step == 1 and d.state.top_k == 4
     d.page_control.prev_presses += 1
     assert d.lessons.step == 0
     d._start_lesson("top-k-step-by-step")
-    assert not d.walk_card.collapsed and "Logits" in d.walk.object
-    assert "lesson-focus" not in d._cards["counters"].css_classes
+    assert d.screen.focus == "decide" and d.tab_names[d.tabs.active] == "router"
+    d._lesson_move(+1)                                   # step 2: the same token inside the router, every number
+    assert d.tab_names[d.tabs.active] == "details" and d.screen.focus == ""
+    assert "lesson-focus" in d._cards["walkthrough"].css_classes and "Logits" in d.details.walk.object
     d._stop_lesson()
-    assert not d.lesson_bar.visible and not d.page_control.lesson_active
+    assert not d.lesson_bar.visible and not d.page_control.lesson_active and d.input.visible
+    assert "lesson-focus" not in d._cards["walkthrough"].css_classes
 
 
 # -- walkthrough ---------------------------------------------------------------------------
@@ -234,7 +238,7 @@ def test_compare_different_models_uses_number_free_measures():
 
 def test_compare_view_routes_b_only_while_shown_and_reports_bad_b():
     d = Dashboard()
-    d.sidebar(), d.main()
+    d.page_layout()
     assert not hasattr(d, "compare")                     # built when first opened, not with the session
     d.tabs.active = d.tab_names.index("compare")
     c = d.compare
@@ -271,11 +275,22 @@ def test_routing_table_lists_every_token_and_choice_escaped():
 
 def test_dashboard_table_toggle_and_presenter_mode():
     d = Dashboard()
-    d.sidebar(), d.main()
-    assert not d.table_view.visible
-    d.as_table.value = True
-    assert d.table_view.visible and "the heatmap as a table" in d.table_view.object
+    d.page_layout()
+    assert d.details is None                                        # built when the tab is first opened
+    d.tabs.active = d.tab_names.index("details")
+    t = d.details
+    assert not t.table_view.visible
+    t.as_table.value = True
+    assert t.table_view.visible and "the heatmap as a table" in t.table_view.object
     d.state.top_k = 3                                               # the table follows the routing
-    assert d.table_view.object.count("</span> ") >= 3 * len(d.state.result.tokens)
+    assert t.table_view.object.count("</span> ") >= 3 * len(d.state.result.tokens)
     d.presenter.value = True
     assert d.page_control.presenter
+
+
+def test_an_old_link_showing_every_layer_still_opens():
+    """Links made before the one-screen Router carried layer=all: they open on layer 0, with no complaint."""
+    settings, _, msgs = parse_query({"layer": ["all"], "k": ["3"]})
+    s = RouterState()
+    assert msgs == [] and apply_to_state(s, settings) == []
+    assert s.layer == 0 and s.top_k == 3

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -90,11 +89,7 @@ def test_the_first_session_is_not_kept_by_process_wide_tasks(server):
     Regression: `pn.state.schedule_task` arms an IOLoop timer, which copies the current contextvars context,
     i.e. the first session's document, and re-arms itself from it every period."""
     srv, before = server
-    from panel.io.state import state
-
     cycle(srv, "http", 1, batch=1)
-    assert any(k.endswith("moe-lab-release-freed-memory") for k in state._scheduled), \
-        "app/main.py no longer schedules its housekeeping"
     assert_nothing_kept(before)
 
 
@@ -108,34 +103,8 @@ def test_closed_browser_sessions_leave_nothing_alive(server):
     assert_nothing_kept(before)
 
 
-def test_housekeeping_waits_for_a_quiet_moment(monkeypatch):
-    """Full collections and malloc_trim stall the event loop for seconds with a class connected:
-    they run once nobody is routing, and a busy server only collects at most every FULL_GC_EVERY_S."""
-    import app.state as S
-
-    released = []
-    monkeypatch.setattr(S, "release_freed_memory", lambda: released.append(1) or True)
-    st = S.RouterState(text="the ferry left at dawn")
-    st.route()                                               # someone routed just now
-    assert st.result is not None
-    S._last_full_gc[0] = time.monotonic()
-    assert S.housekeeping(quiet_s=60, full_gc_every_s=60) == {"collected": None, "released": False}
-    S._last_full_gc[0] = time.monotonic() - 61             # busy for over a minute: collect, do not trim
-    done = S.housekeeping(quiet_s=60, full_gc_every_s=60)
-    assert isinstance(done["collected"], int) and done["released"] is False and released == []
-    done = S.housekeeping(quiet_s=0, full_gc_every_s=60)    # quiet: both
-    assert isinstance(done["collected"], int) and done["released"] is True and released == [1]
-    before = gc.get_threshold()
-    try:
-        S.defer_full_collections()
-        t = gc.get_threshold()
-        assert t[:2] == before[:2] and t[2] > 10**6           # young generations unchanged; no automatic full GC
-    finally:
-        gc.set_threshold(*before)
-
-
 def test_release_freed_memory_is_safe_to_call():
-    from app.state import release_freed_memory
+    from app.allocator import release_freed_memory
 
     assert isinstance(release_freed_memory(), bool)
     assert isinstance(release_freed_memory(), bool)     # twice: nothing left to release is not an error

@@ -26,34 +26,53 @@ def model_data(page: Page, name: str, field: str | None = None):
     return page.evaluate(js, [name, field])
 
 
-def open_app(page: Page, url: str) -> list[str]:
-    errors: list[str] = []
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-    page.goto(url)
-    page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
-                           "Bokeh.documents[0].get_model_by_name('heat_cells_0') !== null")
-    # the token view's own spans (`.tok` alone also matches the token shown in the detail pane, which
-    # can render first: token_texts then found no block, a flaky failure)
-    expect(page.locator(".tok-text .tok").first).to_be_visible()
-    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length > 0")
-    return errors
-
-
 # Every element matching a selector in the document and all nested shadow roots (Panel renders
 # each component in its own shadow root).
 DEEP_ALL = """(sel) => { const out = [];
     const walk = (root) => { out.push(...root.querySelectorAll(sel));
         root.querySelectorAll('*').forEach(el => { if (el.shadowRoot) walk(el.shadowRoot); }); };
     walk(document); return out; }"""
-FIRST_TOKEN_BLOCK = f"(() => {{ const all = ({DEEP_ALL})('.tok-text'); return all.length ? all[0] : null; }})()"
+SCREEN = f"(() => ({DEEP_ALL})('.screen')[0] || null)()"
+# the routing record the screen draws (the Bokeh model's data, as sent by the server)
+SCREEN_DATA = "JSON.parse(Bokeh.documents[0].get_model_by_name('router_screen').data || '{}')"
+
+
+def open_app(page: Page, url: str) -> list[str]:
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    page.goto(url)
+    page.wait_for_function(f"() => window.Bokeh && Bokeh.documents.length > 0 && "
+                           f"Bokeh.documents[0].get_model_by_name('router_screen') !== null && {SCREEN} !== null "
+                           f"&& Number({SCREEN}.dataset.seq) > 0")
+    expect(page.locator(".view-tokens .tok").first).to_be_visible()
+    return errors
+
+
+def screen_seq(page: Page) -> int:
+    """How many routings the screen has drawn (it counts them in data-seq)."""
+    return page.evaluate(f"() => Number({SCREEN}.dataset.seq)")
+
+
+def wait_redrawn(page: Page, seq: int) -> None:
+    page.wait_for_function(f"(n) => Number({SCREEN}.dataset.seq) > n", arg=seq)
 
 
 def token_texts(page: Page) -> list[str]:
-    """The text of each token span of the first layer block (without the expert-number subscript)."""
-    return page.evaluate(f"""() => {{ const block = {FIRST_TOKEN_BLOCK};
-        if (!block) return [];
-        return [...block.querySelectorAll('.tok')].map(s => s.firstChild ? s.firstChild.textContent : ''); }}""")
+    """The exact text of each token the screen shows (a newline is drawn as a mark: data-text keeps it)."""
+    return page.evaluate(f"() => [...{SCREEN}.querySelectorAll('.view-tokens .tok')].map(s => s.dataset.text)")
+
+
+def token_stripes(page: Page) -> list[list[str]]:
+    """Per token, the experts of its colour stripes, as drawn (one stripe per expert that took it)."""
+    return page.evaluate(f"""() => [...{SCREEN}.querySelectorAll('.view-tokens .tok')].map(
+        t => [...t.querySelectorAll('.stripe')].map(s => s.dataset.e + (s.classList.contains('dropped') ? 'x' : '')))""")
+
+
+def lit_experts(page: Page) -> list[int]:
+    """The experts the decision view lights for the selected token."""
+    return page.evaluate(f"""() => [...{SCREEN}.querySelectorAll('.view-decide .col')].map((c, e) => [c, e])
+        .filter(([c]) => c.classList.contains('on')).map(([, e]) => e)""")
 
 
 def deep_query(page: Page, selector: str) -> int:
@@ -62,13 +81,14 @@ def deep_query(page: Page, selector: str) -> int:
 
 
 def strip_numbers(page: Page) -> tuple[int, int]:
-    total = page.locator("[data-testid=total]").first.inner_text()
-    active = page.locator("[data-testid=active]").first.inner_text()
-    return int(total.replace(",", "")), int(active.replace(",", ""))
+    """Total and active parameters, as the counters on the first screen show them."""
+    got = page.evaluate(f"""() => ['total', 'active'].map(c =>
+        {SCREEN}.querySelector('.view-counters .' + c + ' .big').textContent)""")
+    return int(got[0].replace(",", "")), int(got[1].replace(",", ""))
 
 
-JOINED_TOKENS = f"""(() => {{ const block = {FIRST_TOKEN_BLOCK}; if (!block) return null;
-    return [...block.querySelectorAll('.tok')].map(s => s.firstChild ? s.firstChild.textContent : '').join(''); }})()"""
+JOINED_TOKENS = f"""(() => {{ const s = {SCREEN}; if (!s) return null;
+    return [...s.querySelectorAll('.view-tokens .tok')].map(x => x.dataset.text).join(''); }})()"""
 
 
 def set_text(page: Page, text: str, wait: bool = True) -> None:
@@ -83,8 +103,11 @@ def test_page_loads_without_errors_and_shows_real_routing(page: Page, app_url):
     errors = open_app(page, app_url)
     texts = token_texts(page)
     assert len(texts) > 5
-    # the heatmap outlines exactly k=2 experts for every token of layer 0
-    assert model_data(page, "heat_cells_0", "t") and len(model_data(page, "heat_cells_0", "t")) == 2 * len(texts)
+    # every token of layer 0 shows k = 2 stripes, the experts the server routed it to
+    data = page.evaluate(f"() => {SCREEN_DATA}")
+    assert data["k"] == 2 and [len(s) for s in token_stripes(page)] == [2] * len(texts)
+    assert [[int(e) for e in s] for s in token_stripes(page)] == data["layers"][0]["top"]
+    assert lit_experts(page) == sorted(data["layers"][0]["top"][0])     # token 0's two experts light up
     total, active = strip_numbers(page)
     assert total > active > 0
     ARTIFACTS.mkdir(exist_ok=True)
@@ -92,42 +115,74 @@ def test_page_loads_without_errors_and_shows_real_routing(page: Page, app_url):
     assert [e for e in errors if not any(i in e for i in IGNORED)] == []
 
 
-def test_typing_text_reroutes_tokens_and_heatmap(page: Page, app_url):
+def test_typing_text_reroutes_the_tokens(page: Page, app_url):
     open_app(page, app_url)
     from moe_core.tokenizer import get_tokenizer
 
     text = "def add(a, b):\n    return a + b  # 12345"
     set_text(page, text)
     n = len(get_tokenizer().encode(text))
-    page.wait_for_function(f"() => Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length === 2 * {n}")
     texts = token_texts(page)
     assert len(texts) == n and "".join(texts) == text
     assert texts[-5:] == list("12345")          # digits are one token each
+    assert len(token_stripes(page)) == n
 
 
-def test_k_slider_changes_counters_and_heatmap(page: Page, app_url):
+def test_moving_k_from_2_to_4_changes_every_token_and_the_counters(page: Page, app_url):
     open_app(page, app_url)
-    n_tokens = len(token_texts(page))
+    before = token_stripes(page)
     total, active = strip_numbers(page)
+    seq = screen_seq(page)
     press_slider(page, "k (experts", "ArrowRight", "3")
-    page.wait_for_function(f"() => Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length === "
-                           f"3 * {n_tokens}")
-    expect(page.locator("[data-testid=active]").first).not_to_have_text(f"{active:,}")
-    total3, active3 = strip_numbers(page)
-    assert total3 == total and active3 > active      # compute follows k, memory does not
+    press_slider(page, "k (experts", "ArrowRight", "4")
+    page.wait_for_function(f"() => {SCREEN_DATA}.k === 4 && Number({SCREEN}.dataset.seq) > {seq}")
+    page.wait_for_function(f"() => [...{SCREEN}.querySelectorAll('.view-tokens .tok')].every("
+                           f"t => t.querySelectorAll('.stripe').length === 4)")
+    after = token_stripes(page)
+    assert len(after) == len(before) and all(a != b for a, b in zip(after, before))   # every token changed
+    assert all(len(a) == 4 and a[:2] == b for a, b in zip(after, before))   # the top 2 stay, 2 more light up
+    assert len(lit_experts(page)) == 4
+    total4, active4 = strip_numbers(page)
+    assert total4 == total and active4 > active      # compute follows k, memory does not
+    page.screenshot(path=str(ARTIFACTS / "k4.png"))
+
+
+def test_switch_makes_the_k_control_and_the_active_counter_say_1(page: Page, app_url):
+    open_app(page, app_url)
+    seq = screen_seq(page)
+    page.locator("select").filter(has_text="Softmax top-k").first.select_option(label="Switch top-1 with capacity")
+    wait_redrawn(page, seq)
+    expect(page.locator(".k-fixed").first).to_contain_text("k = 1: 1 expert per token (fixed by the scheme)")
+    expect(page.locator(".bk-slider-title", has_text="k (experts").first).to_be_hidden()     # no k to set
+    counter = page.evaluate(f"() => {SCREEN}.querySelector('.view-counters .active .sub').textContent")
+    assert counter == "1 expert per token (fixed by the scheme)"
+    assert len(lit_experts(page)) <= 1 and all(len(s) == 1 for s in token_stripes(page))
+    page.screenshot(path=str(ARTIFACTS / "switch.png"))
 
 
 def test_changing_n_changes_total_but_not_active(page: Page, app_url):
     open_app(page, app_url)
     total, active = strip_numbers(page)
+    seq = screen_seq(page)
     page.get_by_role("button", name="16", exact=True).click()
-    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('heat_image_0').data.dh[0] === 16")
-    expect(page.locator("[data-testid=total]").first).not_to_have_text(f"{total:,}")
+    page.wait_for_function(f"() => {SCREEN_DATA}.n === 16 && Number({SCREEN}.dataset.seq) > {seq}")
     total16, active16 = strip_numbers(page)
     assert total16 > total
     # same expert width and k: active grows only by the router's extra rows (4 layers x d_model 128 x 8 more experts)
     assert active16 - active == 4 * 128 * (16 - 8)
+    assert page.evaluate(f"() => {SCREEN}.querySelectorAll('.view-decide .col').length") == 16
     page.screenshot(path=str(ARTIFACTS / "app-n16.png"))
+
+
+def test_a_layer_click_and_a_token_click_redraw_in_the_browser(page: Page, app_url):
+    open_app(page, app_url)
+    data = page.evaluate(f"() => {SCREEN_DATA}")
+    page.evaluate(f"() => {SCREEN}.querySelector('button.layer-btn[data-layer=\"2\"]').click()")
+    page.wait_for_function(f"() => {SCREEN}.dataset.layer === '2'")
+    assert [[int(e) for e in s] for s in token_stripes(page)] == data["layers"][2]["top"]
+    page.locator(".view-tokens .tok").nth(3).click()
+    page.wait_for_function(f"() => {SCREEN}.querySelector('.view-decide .vtitle').textContent.includes('token 3')")
+    assert lit_experts(page) == sorted(data["layers"][2]["top"][3])
 
 
 PAYLOAD = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script><b>bold</b>'
@@ -137,7 +192,9 @@ def test_html_in_user_text_is_shown_as_text_and_never_runs(page: Page, app_url):
     open_app(page, app_url)
     set_text(page, PAYLOAD)
     assert "".join(token_texts(page)) == PAYLOAD
-    page.locator(".tok").nth(1).click()              # the detail pane shows the selected token's text
+    shown = page.evaluate(f"() => [...{SCREEN}.querySelectorAll('.view-tokens .tok .tx')].map(x => x.textContent)")
+    assert "".join(shown) == PAYLOAD                   # what is drawn is the text itself, as text
+    page.locator(".view-tokens .tok").nth(1).click()   # the decision view shows the selected token's text
     page.wait_for_timeout(500)
     assert page.evaluate("() => window.__pwned === undefined")
     assert deep_query(page, "img[src=x]") == 0
@@ -150,7 +207,7 @@ def test_empty_text_notifies_and_keeps_the_last_result(page: Page, app_url):
     open_app(page, app_url)
     before = token_texts(page)
     set_text(page, "", wait=False)
-    expect(page.locator(".notyf__toast").first).to_contain_text("empty")
+    expect(page.locator(".toast-msg").first).to_contain_text("empty")
     assert token_texts(page) == before
 
 
@@ -167,7 +224,7 @@ def test_projector_layout_screenshot(browser, app_url):
 
 
 def test_route_json_matches_what_the_page_shows(page: Page, app_url):
-    """The page's heatmap outlines are the same experts the CLI reports for the same text."""
+    """The experts the page shows are the ones the CLI reports for the same text."""
     import subprocess
     import sys
 
@@ -178,8 +235,10 @@ def test_route_json_matches_what_the_page_shows(page: Page, app_url):
                          capture_output=True, text=True, check=True).stdout
     layer0 = json.loads(out)["layers"][0]
     expected = sorted((t, e) for t, es in enumerate(layer0["experts"]) for e in es)
-    ts, es = model_data(page, "heat_cells_0", "t"), model_data(page, "heat_cells_0", "e")
-    assert sorted(zip(ts, es)) == expected
+    data = page.evaluate(f"() => {SCREEN_DATA}")
+    shown = sorted((t, e) for t, (es, kept) in enumerate(zip(data["layers"][0]["top"], data["layers"][0]["kept"]))
+                   for e, k in zip(es, kept) if k)
+    assert shown == expected
 
 
 def press_slider(page: Page, title: str, key: str, shows: str, tries: int = 3) -> None:
@@ -223,8 +282,8 @@ def test_a_control_moved_and_route_clicked_at_once_both_apply(page: Page, app_ur
     open_app(page, app_url)
     n_tokens = len(token_texts(page))
     change_and_click(page, "k (experts per token)", 3, "Route")
-    page.wait_for_function(f"() => Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length === "
-                           f"3 * {n_tokens}")
+    page.wait_for_function(f"() => {SCREEN_DATA}.k === 3")
+    assert [len(s) for s in token_stripes(page)] == [3] * n_tokens
     expect(page.locator(".status-line").first).not_to_contain_text("rror")
 
 
@@ -242,7 +301,7 @@ def test_training_lab_trains_live_and_the_model_can_route_text(page: Page, app_u
     expect(page.locator("[data-testid=lab-status]").first).to_contain_text("done", timeout=120_000)
     assert page.evaluate("() => Bokeh.documents[0].get_model_by_name('lab_loss_0').data.step") == list(range(1, 21))
     # the share plot redrawn for layer 1 (its new title comes in the same message as its data): 20 steps, once each
-    page.locator("#main").get_by_role("button", name="layer 1").click()
+    page.locator(".lab-layer").get_by_role("button", name="layer 1").click()
     page.wait_for_function("() => [...Bokeh.documents[0].all_models].some(m => typeof m.text === 'string' && "
                            "m.text.includes('share of first choices per expert, layer 1'))")
     assert page.evaluate("() => Bokeh.documents[0].get_model_by_name('lab_share_0').data.step") == list(range(1, 21))
@@ -252,5 +311,6 @@ def test_training_lab_trains_live_and_the_model_can_route_text(page: Page, app_u
     use.click()
     page.get_by_text("Router", exact=True).first.click()
     expect(page.locator(".badge-ok, .badge-warn").first).to_contain_text("trained in the lab")
-    # the lab model has 2 layers: the heatmap of layer 0 is routed by it
-    page.wait_for_function("() => Bokeh.documents[0].get_model_by_name('heatmap_2').visible === false")
+    # the lab model has 2 layers: the screen offers exactly those
+    page.wait_for_function(f"() => {SCREEN_DATA}.layers.length === 2 && "
+                           f"{SCREEN}.querySelectorAll('button.layer-btn').length === 2")

@@ -7,7 +7,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from tests.conftest import ARTIFACTS
-from tests.test_ui import JOINED_TOKENS, open_app
+from tests.test_ui import JOINED_TOKENS, SCREEN, SCREEN_DATA, open_app
 
 pytestmark = pytest.mark.ui
 
@@ -27,9 +27,8 @@ def test_a_share_link_opens_exactly_that_view(page: Page, app_url):
     page.wait_for_function("() => { const m = Bokeh.documents[0].get_model_by_name('compare_load');"
                            " return m !== null && m.data.x.length > 0; }")
     expect(page.get_by_text("moe-n8-nobalance, Softmax top-k (Mixtral), k = 3").first).to_be_visible()
-    expect(page.locator(".bk-slider-title", has_text="k (experts per token)").first).to_contain_text("3")
-    # the sidebar's link button reproduces the link
-    page.get_by_role("button", name="Make a link to this view").click()
+    # the header's link button reproduces the link
+    page.get_by_role("button", name="Link to this view").click()
     link = page.locator(".share-url input").first
     expect(link).to_be_visible()
     expect(link).to_have_value(re.compile("model=moe-n8-nobalance"))
@@ -40,13 +39,14 @@ def test_a_share_link_opens_exactly_that_view(page: Page, app_url):
     other = page.context.new_page()
     wait_loaded(other, value.replace("tab=compare", "tab=router"))
     other.wait_for_function(f"() => ({JOINED_TOKENS} || '').startsWith('def ')")
+    assert other.evaluate(f"() => {SCREEN_DATA}.k") == 3
     assert [e for e in errors if "favicon" not in e] == []
 
 
 def test_a_lesson_link_with_hidden_controls_walks_by_keyboard(page: Page, app_url):
     wait_loaded(page, app_url + "?lesson=capacity&hide=controls")
     def step_label(i: int):
-        return page.get_by_text(re.compile(rf"Lesson: .* step {i} of 3"))
+        return page.get_by_text(re.compile(rf"Load imbalance .* step {i} of 3"))
 
     expect(step_label(1)).to_be_visible(timeout=60_000)
     expect(page.get_by_text("Slots per expert").first).to_be_visible()
@@ -56,8 +56,8 @@ def test_a_lesson_link_with_hidden_controls_walks_by_keyboard(page: Page, app_ur
     expect(page.get_by_text("Squeeze: capacity factor 0.5").first).to_be_visible()
     expect(page.get_by_text(re.compile(r"In layer 0, \d+ tokens \(\d+%\) are dropped"))).to_be_attached()
     # the numbers quoted come from the live model: drops are shown struck out in the text
-    page.wait_for_function("() => { const m = Bokeh.documents[0].get_model_by_name('heat_drops_0');"
-                           " return m !== null && m.data.t.length > 0; }")
+    page.wait_for_function(f"() => {SCREEN_DATA}.layers[0].kept.some(r => r.includes(0)) && "
+                           f"{SCREEN}.querySelectorAll('.view-tokens .stripe.dropped').length > 0")
     page.keyboard.press(" ")
     expect(step_label(3)).to_be_attached(timeout=30_000)
     page.keyboard.press("ArrowLeft")
@@ -100,6 +100,6 @@ def test_every_control_is_reachable_by_keyboard_with_a_visible_focus(page: Page,
     tags = {s["tag"] for s in seen}
     texts = " | ".join(s["text"] for s in seen)
     assert {"select", "textarea", "button"} <= tags, tags
-    assert "Route" in texts and "Make a link to this view" in texts, texts
+    assert "Route" in texts and "Link to this view" in texts and "Layer 1" in texts and "Play" in texts, texts
     unringed = [s for s in seen if not s["ring"]]
     assert not unringed, f"focused without a visible focus indicator: {unringed[:5]}"

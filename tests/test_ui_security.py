@@ -2,10 +2,10 @@
 parameter never run, sessions never see each other's text, no file outside the app is served."""
 import pytest
 import requests
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page
 
 from tests.conftest import wait_until_served
-from tests.test_ui import JOINED_TOKENS, open_app, press_slider, set_text, token_texts
+from tests.test_ui import JOINED_TOKENS, SCREEN_DATA, open_app, press_slider, set_text, token_stripes, token_texts
 
 pytestmark = pytest.mark.ui
 
@@ -61,13 +61,12 @@ def test_two_sessions_never_see_each_others_text_or_settings(browser: Browser, a
         set_text(a, "alpha session text 111")
         set_text(b, "bravo session text 222")
         press_slider(b, "k (experts", "ArrowRight", "3")   # B moves to k = 3
-        b.wait_for_function("() => Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length === "
-                            f"3 * {len(token_texts(b))}")
+        b.wait_for_function(f"() => {SCREEN_DATA}.k === 3")
         a.wait_for_timeout(500)
         assert "".join(token_texts(a)) == "alpha session text 111"
         assert "".join(token_texts(b)) == "bravo session text 222"
         n_a = len(token_texts(a))
-        assert a.evaluate("() => Bokeh.documents[0].get_model_by_name('heat_cells_0').data.t.length") == 2 * n_a
+        assert [len(x) for x in token_stripes(a)] == [2] * n_a and a.evaluate(f"() => {SCREEN_DATA}.k") == 2
         assert a.evaluate(f"() => {JOINED_TOKENS}") == "alpha session text 111"
     finally:
         a_ctx.close()

@@ -190,7 +190,7 @@ class CompareView(pn.viewable.Viewer):
         self.changed.object = self._changed_html(a, b, rows, same) if same else ""
 
     def _changed_html(self, a, b, rows, same) -> str:
-        layer = 0 if self.state.layer == "all" else int(self.state.layer)
+        layer = self.state.layer
         r = rows[layer]
         n = a.routings[layer].n_experts
         ids = r["changed_tokens"]

@@ -1,11 +1,13 @@
-"""Page-wide browser behaviour the widgets cannot express: lesson keys, presenter zoom, scroll-to.
+"""Page-wide browser behaviour the widgets cannot express: lesson keys, presenter type, scroll-to.
 
 A JSComponent with no visible content:
 - while a lesson is open, the Right arrow / Space / PageDown keys go to the next step and
   Left / PageUp to the previous one (counted in `next_presses` / `prev_presses`), except when
   the key is meant for something else: typing in a text field, a slider, a select, or a key the
   token view already handled (arrow keys move between tokens there);
-- `presenter` zooms the whole page to 135% for projectors (CSS zoom: Chromium, Safari, Firefox 126+);
+- `presenter` enlarges the type for projectors: it sets the CSS custom properties the widgets
+  (`--bokeh-font-size`) and the app's panes (`--moe-fs`) read. No CSS zoom: Bokeh plots measure
+  their box unzoomed and ran off the page under it;
 - `scroll_to` scrolls the element with that CSS class (searched through Panel's shadow roots)
   into view; `scroll_seq` re-triggers it for the same class.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import param
 from panel.custom import JSComponent
 
-PRESENTER_ZOOM = 1.35
+PRESENTER_FONT_PX = 16       # the widgets' type in presenter mode (Bokeh's default is 12 px)
 
 
 class PageControl(JSComponent):
@@ -26,7 +28,7 @@ class PageControl(JSComponent):
     scroll_seq = param.Integer(default=0, doc="Bumped to scroll again.")
 
     _esm = f"""
-    const ZOOM = {PRESENTER_ZOOM};
+    const FONT = {PRESENTER_FONT_PX};
     function deepFind(root, cls) {{
       const hit = root.querySelector("." + cls);
       if (hit) return hit;
@@ -49,7 +51,12 @@ class PageControl(JSComponent):
         else if (["ArrowLeft", "PageUp"].includes(ev.key)) {{ ev.preventDefault(); model.prev_presses += 1; }}
       }};
       window.addEventListener("keydown", onKey);
-      const zoom = () => {{ document.body.style.zoom = model.presenter ? String(ZOOM) : ""; }};
+      const bigType = () => {{
+        const st = document.documentElement.style;
+        if (model.presenter) {{ st.setProperty("--bokeh-font-size", FONT + "px"); st.setProperty("--moe-fs", "18px"); }}
+        else {{ st.removeProperty("--bokeh-font-size"); st.removeProperty("--moe-fs"); }}
+        document.body.classList.toggle("presenter", model.presenter);
+      }};
       const scroll = () => {{
         if (!model.scroll_to) return;
         setTimeout(() => {{
@@ -57,13 +64,13 @@ class PageControl(JSComponent):
           if (target) target.scrollIntoView({{ behavior: "smooth", block: "center" }});
         }}, 250);
       }};
-      model.on("presenter", zoom);
+      model.on("presenter", bigType);
       model.on("scroll_seq", scroll);
       model.on("remove", () => window.removeEventListener("keydown", onKey));
-      zoom();
+      bigType();
       scroll();
     }}
     """
 
 
-__all__ = ["PageControl", "PRESENTER_ZOOM"]
+__all__ = ["PageControl", "PRESENTER_FONT_PX"]

@@ -101,10 +101,10 @@ class HeatmapView:
             dt, de = np.nonzero(r.dropped.numpy())
             self.drops[li].data = {"t": dt, "e": de, "p": probs[dt, de], "text": [texts[t] for t in dt]}
             f.y_range.update(start=-0.5, end=N - 0.5)
-            f.yaxis.ticker.ticks = list(range(N)) if N <= 16 else list(range(0, N, 4))
+            f.yaxis.ticker.ticks = list(range(N)) if N <= 16 else list(range(0, N, 2))
             f.xaxis.ticker.ticks = list(range(T))
             f.xaxis.major_label_overrides = labels
-            f.height = 150 + 6 * N if len(layers) == 1 else 110 + 3 * N
+            f.height = 90 + 14 * N          # rows of 14 px: every expert's row and tick label readable
         self.select(selected)
 
     def select(self, selected: int) -> None:

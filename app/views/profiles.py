@@ -108,6 +108,7 @@ class ExpertProfiles(pn.viewable.Viewer):
     """Per-expert profile (top tokens, category mix vs the corpus, summary) and an ablation switch."""
 
     state = param.ClassSelector(class_=RouterState)
+    notify = param.Callable(default=None, allow_None=True, doc="notify(kind, message): shows a message to the user.")
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -166,7 +167,7 @@ class ExpertProfiles(pn.viewable.Viewer):
         self.profiles = load_profiles(m)
         self._load_s = time.perf_counter() - t0
         n_layer = self.profiles["n_layer"]
-        layer = self.state.layer if self.state.layer != "all" else self.layer.value
+        layer = self.state.layer
         layer = layer if isinstance(layer, int) and layer < n_layer else 0
         with pn.io.hold():
             self.layer.options = list(range(n_layer))
@@ -175,7 +176,7 @@ class ExpertProfiles(pn.viewable.Viewer):
             self._show()
 
     def _on_state_layer(self, event):
-        if event.new != "all" and event.new in self.layer.options:
+        if event.new in self.layer.options:
             self.layer.value = event.new
 
     def _set_expert_options(self):
@@ -294,8 +295,8 @@ class ExpertProfiles(pn.viewable.Viewer):
             return                  # the user picked another expert meanwhile
         if isinstance(res, Exception):
             self.result.object = f"<p class='badge-warn'>{esc(str(res))}</p>"
-            if pn.state.notifications is not None:
-                pn.state.notifications.error(esc(str(res)), duration=6000)
+            if self.notify is not None:
+                self.notify("error", str(res))
             return
         self.ablation = res
         self.result.object = ablation_html(res["held"], res["text"], self.profiles["n_experts"])

@@ -57,6 +57,7 @@ class QuizView(pn.viewable.Viewer):
                                 doc="The router state 'Show me in the router' applies a setup to (if no on_show).")
     on_show = param.Callable(default=None, allow_None=True,
                              doc="Called with a question's setup dict; the page applies it and switches tab.")
+    notify = param.Callable(default=None, allow_None=True, doc="notify(kind, message): shows a message to the user.")
 
     def __init__(self, **params):
         if params.get("quiz") is None:
@@ -137,8 +138,8 @@ class QuizView(pn.viewable.Viewer):
     def _set_error(self, message: str):
         self.last_error = message
         self.error.object = (f"<div class='quiz-error' role='alert'>{esc(message)}</div>" if message else "")
-        if message and pn.state.notifications is not None:
-            pn.state.notifications.error(esc(message), duration=6000)
+        if message and self.notify is not None:
+            self.notify("error", message)
 
     # -- actions -------------------------------------------------------------------
 
