@@ -151,15 +151,10 @@ class Dashboard(pn.viewable.Viewer):
                                              value="", width=240, css_classes=["lesson-pick"])
         self.presenter = pn.widgets.Toggle(name="Presenter mode", value=bool(self.page.get("presenter")), width=130)
         self.share_btn = pn.widgets.Button(name="Link to this view", width=130)
-        self.share_hide = pn.widgets.Checkbox(name="Lesson link: hide the controls", value=False)
-        self.share_url = pn.widgets.TextInput(name="Link (copy it)", value="", sizing_mode="stretch_width",
-                                              css_classes=["share-url"])
-        self.share_row = pn.Row(self.share_url, self.share_hide, visible=False, sizing_mode="stretch_width")
         self.page_control = PageControl(presenter=self.presenter.value)
         self.lesson_pick.param.watch(self._on_lesson_pick, "value")
         self.presenter.param.watch(self._on_presenter, "value")
         self.share_btn.on_click(self._make_link)
-        self.share_hide.param.watch(self._make_link, "value")
         self.page_control.param.watch(lambda e: self._lesson_move(+1), "next_presses")
         self.page_control.param.watch(lambda e: self._lesson_move(-1), "prev_presses")
 
@@ -221,21 +216,7 @@ class Dashboard(pn.viewable.Viewer):
         self.screen.param.watch(lambda e: setattr(s, "selected_token", e.new), "selected")
         self.screen.param.watch(lambda e: setattr(s, "layer", e.new), "layer")
         self.status = _html(css_classes=["status-line"], sizing_mode="stretch_width", margin=(0, 6))
-        self.lesson_head = _html(sizing_mode="stretch_width", css_classes=["lesson-head"], margin=0)
-        self.lesson_body = _md(sizing_mode="stretch_width", css_classes=["lesson-body"], margin=0)
-        self.lesson_prev = pn.widgets.Button(name="\u25c0 Back", width=90, margin=(0, 4))
-        self.lesson_next = pn.widgets.Button(name="Next \u25b6", button_type="primary", width=100, margin=(0, 4))
-        self.lesson_exit = pn.widgets.Button(name="Close lesson", width=110, margin=(0, 4))
-        self.lesson_prev.on_click(lambda e: self._lesson_move(-1))
-        self.lesson_next.on_click(lambda e: self._lesson_move(+1) if not self._lesson_at_end() else self._stop_lesson())
-        self.lesson_exit.on_click(lambda e: self._stop_lesson())
-        # the lesson card sits in the page's flow above the screen: it never covers the view it is about
-        self.lesson_bar = pn.Column(
-            pn.Row(self.lesson_head, self.lesson_prev, self.lesson_next, self.lesson_exit, sizing_mode="stretch_width",
-                   margin=0),
-            self.lesson_body,
-            visible=False, css_classes=["lesson-bar"], name="lesson_bar", sizing_mode="stretch_width",
-            stylesheets=[CSS])
+        self.lesson_bar = self.share_row = None       # built the first time a lesson opens or a link is made
 
     def _on_view(self, *events):
         s = self.state
@@ -375,7 +356,7 @@ class Dashboard(pn.viewable.Viewer):
         """Redraw the Router details tab if it is shown; else mark it stale (drawn when next opened)."""
         s, d = self.state, self.details
         res = s.result
-        shown = hasattr(self, "tabs") and self.tab_names[self.tabs.active] == "details"
+        shown = hasattr(self, "tabs") and self.tabs.value == "details"
         self._details_stale = not shown
         if d is None or res is None or not shown:
             return
@@ -422,6 +403,23 @@ class Dashboard(pn.viewable.Viewer):
             self.lesson_pick.value = slug
         self._show_step()
 
+    def _build_lesson_bar(self):
+        """The lesson card: in the page's flow above the tabs, so it never covers the view it is about."""
+        self.lesson_head = _html(sizing_mode="stretch_width", css_classes=["lesson-head"], margin=0)
+        self.lesson_body = _md(sizing_mode="stretch_width", css_classes=["lesson-body"], margin=0)
+        self.lesson_prev = pn.widgets.Button(name="\u25c0 Back", width=90, margin=(0, 4))
+        self.lesson_next = pn.widgets.Button(name="Next \u25b6", button_type="primary", width=100, margin=(0, 4))
+        self.lesson_exit = pn.widgets.Button(name="Close lesson", width=110, margin=(0, 4))
+        self.lesson_prev.on_click(lambda e: self._lesson_move(-1))
+        self.lesson_next.on_click(lambda e: self._lesson_move(+1) if not self._lesson_at_end() else self._stop_lesson())
+        self.lesson_exit.on_click(lambda e: self._stop_lesson())
+        self.lesson_bar = pn.Column(
+            pn.Row(self.lesson_head, self.lesson_prev, self.lesson_next, self.lesson_exit, sizing_mode="stretch_width",
+                   margin=0),
+            self.lesson_body, css_classes=["lesson-bar"], name="lesson_bar", sizing_mode="stretch_width",
+            stylesheets=[CSS])
+        self.layout.insert(1, self.lesson_bar)
+
     def _lesson_at_end(self) -> bool:
         lesson = self.lessons.current
         return lesson is None or self.lessons.step >= len(lesson.steps) - 1
@@ -438,8 +436,9 @@ class Dashboard(pn.viewable.Viewer):
         lesson, step = self.lessons.current, self.lessons.current_step
         if step is None:
             return
-        if step.tab in self.tab_names:
-            self.tabs.active = self.tab_names.index(step.tab)
+        if self.lesson_bar is None:
+            self._build_lesson_bar()
+        self.show_tab(step.tab)
         self._highlight(step.highlight)
         i, n = self.lessons.step, len(lesson.steps)
         self.lesson_head.object = (f"<div class='lesson-title'>{html.escape(step.title)} <span class='label'>"
@@ -461,12 +460,13 @@ class Dashboard(pn.viewable.Viewer):
 
     def _refresh_lesson_text(self):
         step = self.lessons.current_step
-        if step is not None and self.state.result is not None:
+        if step is not None and self.state.result is not None and self.lesson_bar is not None:
             self.lesson_body.object = fill(step.body, lesson_numbers(self.state, self._walkthrough))
 
     def _stop_lesson(self):
         self.lessons.stop()
-        self.lesson_bar.visible = False
+        if self.lesson_bar is not None:
+            self.lesson_bar.visible = False
         self.intro.visible = True
         self.input.visible = "text" not in self.page.get("hide", [])
         self._highlight(None)
@@ -477,7 +477,14 @@ class Dashboard(pn.viewable.Viewer):
     def _make_link(self, event=None):
         loc = pn.state.location
         base = loc.href if loc is not None and loc.href else "http://localhost:5006/"
-        tab = self.tab_names[self.tabs.active] if hasattr(self, "tabs") else "router"
+        if self.share_row is None:
+            self.share_url = pn.widgets.TextInput(name="Link (copy it)", value="", sizing_mode="stretch_width",
+                                                  css_classes=["share-url"])
+            self.share_hide = pn.widgets.Checkbox(name="Lesson link: hide the controls", value=False)
+            self.share_hide.param.watch(self._make_link, "value")
+            self.share_row = pn.Row(self.share_url, self.share_hide, sizing_mode="stretch_width")
+            self.layout.insert(1, self.share_row)
+        tab = self.tabs.value
         lesson = self.lessons.lesson or None
         query = state_query(self.state, tab=tab, hide=["controls"] if self.share_hide.value else [],
                             lesson=lesson, step=self.lessons.step + 1 if lesson else None,
@@ -491,11 +498,11 @@ class Dashboard(pn.viewable.Viewer):
 
     def header(self):
         """The page's header bar: the title and the classroom tools."""
-        title = _html("<div class='app-title'>MoE Router Lab</div>", margin=(0, 10), align="center")
-        tools = pn.FlexBox(self.lesson_pick, self.presenter, self.share_btn, align_items="center", gap="0 6px",
-                           margin=0)
-        return pn.FlexBox(title, tools, css_classes=["app-header"], stylesheets=[CSS], sizing_mode="stretch_width",
-                          margin=0, align_items="center", justify_content="space-between")
+        title = _html("<div class='app-title'>MoE Router Lab</div>", margin=(0, 10), align="center",
+                      styles={"margin-right": "auto"})          # the title left, the tools right (wrapped below it
+        return pn.FlexBox(title, self.lesson_pick, self.presenter, self.share_btn,       # on a narrow screen)
+                          css_classes=["app-header"], stylesheets=[CSS], sizing_mode="stretch_width", margin=0,
+                          align_items="center", gap="0 6px")
 
     def controls(self):
         return pn.FlexBox(self.n_experts, self.variant, self.scheme, self.top_k, self.k_fixed, self.capacity,
@@ -564,38 +571,42 @@ class Dashboard(pn.viewable.Viewer):
         return pn.Column(acc, sizing_mode="stretch_width")
 
     def main(self):
-        # Only the Router tab is built with the session; every other tab is built the first time it is
-        # opened (a lesson step or a link opens it too).
-        tabs = [("router", "Router"), ("details", "Router details"), ("compare", "Compare"),
-                ("profiles", "Expert profiles"), ("lab", "Training lab"), ("params", "Parameters"), ("scale", "Scale"),
-                ("quiz", "Quiz"), ("learn", "Learn")]
+        """The tab bar and the views. Only the Router view is built with the session; every other view is built
+        the first time it is opened (a lesson step or a link opens it too), and stays in the document after
+        (Panel re-renders a pane updated while out of the document with stylesheets from its CDN, and a
+        classroom may have no internet)."""
+        tabs = {"Router": "router", "Router details": "details", "Compare": "compare", "Expert profiles": "profiles",
+                "Training lab": "lab", "Parameters": "params", "Scale": "scale", "Quiz": "quiz", "Learn": "learn"}
         self._builders = {"details": self.details_tab, "compare": self.compare_tab, "profiles": self.profiles_tab,
                           "lab": self.lab_tab, "params": self.params_tab, "scale": self.scale_tab,
                           "quiz": self.quiz_tab, "learn": self.learn_tab}
-        # a tab not built yet holds one empty spacer (Bokeh warns about an empty layout)
-        self._holders = {name: pn.Column(pn.Spacer(height=0), sizing_mode="stretch_width") for name in self._builders}
-        self.tab_names = [name for name, _ in tabs]
-        views = [self.router_tab() if name == "router" else self._holders[name] for name, _ in tabs]
-        hide_css = [".bk-header { display: none; }"] if "tabs" in self.page.get("hide", []) else []
-        # dynamic=False: a tab once built stays in the document. Panel 1.9 re-renders a pane updated while
-        # its tab is out of the document with stylesheets from its CDN (a classroom may have no internet)
-        self.tabs = pn.Tabs(*[(label, view) for (_, label), view in zip(tabs, views)], sizing_mode="stretch_width",
-                            dynamic=False, stylesheets=hide_css, name="main_tabs", margin=0)
-        self.tabs.param.watch(self._on_tab, "active")
+        self.tab_names = list(tabs.values())
+        self._views = {"router": self.router_tab()}
+        self.tabs = pn.widgets.RadioButtonGroup(options=tabs, value="router", button_style="outline",
+                                                button_type="primary", name="main_tabs", css_classes=["tab-bar"],
+                                                margin=(4, 6), stylesheets=[".bk-btn-group { flex-wrap: wrap; }"],
+                                                visible="tabs" not in self.page.get("hide", []))
+        self.tab_views = pn.Column(self._views["router"], sizing_mode="stretch_width", margin=0)
+        self.tabs.param.watch(self._on_tab, "value")
         if self.page.get("tab") in self.tab_names:
-            self.tabs.active = self.tab_names.index(self.page["tab"])
+            self.show_tab(self.page["tab"])
         if self.page.get("lesson"):
             step = self.page.get("step", 1) - 1
             pn.state.onload(lambda: self._start_lesson(self.page["lesson"], step))
-        return pn.Column(self.lesson_bar, self.share_row, self.tabs, self.page_control, sizing_mode="stretch_width",
-                         margin=0)
+        return [self.tabs, self.tab_views]
+
+    def show_tab(self, name: str):
+        """Open a tab (building its views the first time)."""
+        if name in self.tab_names:
+            self.tabs.value = name
 
     def build_tab(self, name: str):
         """Build a tab's views now (first opening); later calls do nothing."""
         builder = self._builders.pop(name, None)
         if builder is not None:
             with pn.io.hold():
-                self._holders[name].objects = [builder()]
+                self._views[name] = builder()
+                self.tab_views.append(self._views[name])
 
     @property
     def lab(self):
@@ -627,14 +638,16 @@ class Dashboard(pn.viewable.Viewer):
 
         with self._one_route():
             apply_setup(self.state, setup)
-        self.tabs.active = self.tab_names.index("router")
+        self.show_tab("router")
 
     def _on_tab(self, event):
-        self.build_tab(self.tab_names[event.new])
-        if self.tab_names[event.new] == "details" and self._details_stale:
+        self.build_tab(event.new)
+        for name, view in self._views.items():
+            view.visible = name == event.new
+        if event.new == "details" and self._details_stale:
             self._redraw_details()
         if hasattr(self, "compare"):
-            if self.tab_names[event.new] == "compare":
+            if event.new == "compare":
                 self.compare.show()
             else:
                 self.compare.shown = False
@@ -643,8 +656,9 @@ class Dashboard(pn.viewable.Viewer):
         """The whole page: header, lesson card, tabs."""
         header = self.header()
         header.visible = "header" not in self.page.get("hide", [])
-        return pn.Column(header, self.main(), self.toast, sizing_mode="stretch_width", margin=0,
-                         css_classes=["app-page"])
+        self.layout = pn.Column(header, *self.main(), self.page_control, self.toast, sizing_mode="stretch_width",
+                                margin=0, css_classes=["app-page"])
+        return self.layout
 
     def __panel__(self):
         return self.page_layout()

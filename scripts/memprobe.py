@@ -131,9 +131,9 @@ class Opener:
         page.wait_for_function("() => window.Bokeh && Bokeh.documents.length && "
                                "Bokeh.documents[0].get_model_by_name('router_screen') !== null", timeout=180_000)
         # open every tab once (a tab is built the first time it is shown), then back
-        # to the first; through the Tabs model, since a narrow window can hide tab headers from a click
+        # to the first; through the tab bar's model, since a narrow window can hide tab buttons from a click
         find = ("Bokeh.documents.map(d => d.get_model_by_name('main_tabs')).find(t => t)")
-        n_tabs = page.evaluate(f"() => {{ const t = {find}; return t ? t.tabs.length : 0; }}")
+        n_tabs = page.evaluate(f"() => {{ const t = {find}; return t ? t.labels.length : 0; }}")
         for i in [*range(1, n_tabs), 0]:
             page.evaluate(f"(i) => {{ const t = {find}; if (t) t.active = i; }}", i)
             page.wait_for_timeout(300)

@@ -90,9 +90,9 @@ def test_dashboard_link_button_builds_a_url_that_reopens_the_view():
     d = Dashboard()
     d.page_layout()
     d.state.top_k = 3
-    d.tabs.active = d.tab_names.index("params")
-    d.share_hide.value = True
+    d.show_tab("params")
     d._make_link()
+    d.share_hide.value = True                            # the link is made again, for a lesson
     assert d.share_row.visible
     from urllib.parse import parse_qs, urlparse
     q = parse_qs(urlparse(d.share_url.value).query)
@@ -165,7 +165,7 @@ def test_dashboard_lesson_moves_tabs_highlights_and_keys():
     d = Dashboard()
     d.page_layout()
     d._start_lesson("total-vs-active")
-    assert d.lesson_bar.visible and d.tab_names[d.tabs.active] == "router"
+    assert d.lesson_bar.visible and d.tabs.value == "router"
     assert d.screen.focus == "counters"                  # the counters on the first screen are framed
     assert not d.input.visible and not d.intro.visible    # the lesson card takes their place, above the screen
     assert d.page_control.lesson_active
@@ -174,9 +174,9 @@ def test_dashboard_lesson_moves_tabs_highlights_and_keys():
     d.page_control.prev_presses += 1
     assert d.lessons.step == 0
     d._start_lesson("top-k-step-by-step")
-    assert d.screen.focus == "decide" and d.tab_names[d.tabs.active] == "router"
+    assert d.screen.focus == "decide" and d.tabs.value == "router"
     d._lesson_move(+1)                                   # step 2: the same token inside the router, every number
-    assert d.tab_names[d.tabs.active] == "details" and d.screen.focus == ""
+    assert d.tabs.value == "details" and d.screen.focus == ""
     assert "lesson-focus" in d._cards["walkthrough"].css_classes and "Logits" in d.details.walk.object
     d._stop_lesson()
     assert not d.lesson_bar.visible and not d.page_control.lesson_active and d.input.visible
@@ -240,18 +240,18 @@ def test_compare_view_routes_b_only_while_shown_and_reports_bad_b():
     d = Dashboard()
     d.page_layout()
     assert not hasattr(d, "compare")                     # built when first opened, not with the session
-    d.tabs.active = d.tab_names.index("compare")
+    d.show_tab("compare")
     c = d.compare
     assert c.shown and "moe-n8-nobalance" in c.summary.object
     c._copy_a()
     c.k_b.value = 1
     c._on_b()
     assert "k = 1" in c.summary.object and "same first choice" in c.table.object
-    d.tabs.active = 0
+    d.show_tab("router")
     before = c.summary.object
     d.state.top_k = 3                                    # A changes while Compare is hidden
     assert c.summary.object == before and c._stale
-    d.tabs.active = d.tab_names.index("compare")
+    d.show_tab("compare")
     assert "k = 3" in c.summary.object
 
 
@@ -277,7 +277,7 @@ def test_dashboard_table_toggle_and_presenter_mode():
     d = Dashboard()
     d.page_layout()
     assert d.details is None                                        # built when the tab is first opened
-    d.tabs.active = d.tab_names.index("details")
+    d.show_tab("details")
     t = d.details
     assert not t.table_view.visible
     t.as_table.value = True

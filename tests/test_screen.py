@@ -117,11 +117,11 @@ def test_details_are_built_when_opened_and_drawn_only_while_shown():
     d = Dashboard()
     d.page_layout()
     assert d.details is None
-    d.tabs.active = d.tab_names.index("details")
+    d.show_tab("details")
     assert d.details is not None and "token 0" in d.details.detail.object.lower()
-    d.tabs.active = 0
+    d.show_tab("router")
     before = d.details.detail.object
     d.state.selected_token = 3                        # hidden: not redrawn, marked stale
     assert d.details.detail.object == before and d._details_stale
-    d.tabs.active = d.tab_names.index("details")
+    d.show_tab("details")
     assert "Token 3" in d.details.detail.object and not d._details_stale

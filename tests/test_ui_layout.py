@@ -109,18 +109,21 @@ def test_router_tab_and_every_lessons_first_step_fit_one_screen(browser: Browser
     assert outside == [], f"the page asked the internet for {outside}"
 
 
-def test_at_768px_the_text_keeps_its_width(browser: Browser, app_url):
-    ctx = browser.new_context(viewport={"width": 768, "height": 1024})
+@pytest.mark.parametrize("width", [768, 390])
+def test_a_narrow_screen_stacks_the_views_and_keeps_the_text_wide(browser: Browser, app_url, width):
+    ctx = browser.new_context(viewport={"width": width, "height": 1024})
     page = ctx.new_page()
     try:
         open_app(page, app_url)
         page.wait_for_timeout(500)
         boxes = page.evaluate(BOXES, list(VIEWS))
-        assert boxes["view-tokens"]["w"] >= 600, boxes["view-tokens"]
+        # 768 px (a small laptop, a tablet): the text keeps 600 px; 390 px (a phone): nearly the whole width
+        assert boxes["view-tokens"]["w"] >= min(600, 0.9 * width), boxes["view-tokens"]
         assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth")
-        for a, b in (("view-decide", "view-tokens"), ("view-tokens", "view-load"), ("view-load", "view-counters")):
+        for a, b in (("view-decide", "view-tokens"), ("view-tokens", "view-load"), ("view-load", "view-counters"),
+                     ("app-header", "input-row"), ("input-row", "controls")):
             assert not overlap(boxes[a], boxes[b]), (a, b)
-        page.screenshot(path=str(ARTIFACTS / "layout-768.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / f"layout-{width}.png"), full_page=True)
     finally:
         ctx.close()
 
