@@ -404,8 +404,9 @@ class RouterScreen(JSComponent):
         const busiest = Math.max(...load) / Math.max(1, load.reduce((a, b) => a + b, 0));   // of the choices so far
         const key = (cls, label) => { const x = h("span", "key"); x.append(h("span", "sym " + cls), h("span", "", label)); return x; };
         const keys = h("div", "keys");
-        keys.append(key("sym-bar", "this text (busiest " + pct(busiest) + ")"));
-        if (corp) keys.append(key("sym-corp", "held-out corpus"));
+        keys.append(key("sym-bar", "this text (busiest: " + pct(busiest) + " of all choices)"));
+        keys.append(corp ? key("sym-corp", "held-out corpus") :
+                    h("span", "key", "held-out corpus: not computed for this model (Expert profiles computes it)"));
         keys.append(key("sym-fair", "fair share " + pct(1 / d.n)));
         if (l.capacity) keys.append(key("sym-cap", "capacity " + l.capacity));
         keys.title = corp ? "Corpus: " + fmt(d.corpus_tokens || 0) + " held-out tokens routed as the model was trained (" + d.corpus_route + ")" : "";
