@@ -6,13 +6,14 @@ its own RouterState and the few views it has opened.
 """
 import panel as pn
 
-from app.dashboard import CSS, Dashboard
+from app.dashboard import Dashboard
 from app.quiz import warm as warm_quiz
 from app.state import bound_route_threads, preload_models
+from app.styles import PAGE_CSS
 
 # no template: every resource the page needs is bundled with Panel (the page works offline), and the
 # document holds only the header, the controls and the first screen
-pn.extension("katex", raw_css=[CSS])     # katex: the explainers' formulas
+pn.extension("katex", raw_css=[PAGE_CSS])     # katex: the explainers' formulas
 
 preload_models()                  # once per process: later sessions find them cached
 pn.state.as_cached("quiz-warm", warm_quiz)   # every quiz answer computed once per process, not per student

@@ -17,7 +17,8 @@ two kinds of real session:
   session and runs app/main.py for it), open the websocket with the session's
   token, pull the document (PULL-DOC-REQ), then send PATCH-DOC events that set
   widget values (text, k, N, scheme) and time until the server pushes the
-  RouterScreen's new `data` back (ready: the pulled document's RouterScreen has
+  RouterScreen's new `data` back (or its count of routings answered, when the
+  new routing drew exactly the old one) (ready: the pulled document's RouterScreen has
   data, or the server has sent it). Against a page without a RouterScreen (an
   older app), the heatmap's ColumnDataSource and the status line stand in. Only JSON is parsed: one client
   process holds dozens of them for a few MB and little CPU, so the server is
@@ -60,6 +61,8 @@ TOKEN = re.compile(r'"token"\s*:\s*"([^"]+)"')
 WORDS = ("the ferry left harbour at dawn with seven crates of apples while gulls circled over grey water "
          "def route tokens experts return sum of weights for each layer in range import torch numpy "
          "la mer était calme et le vent soufflait doucement sur les collines 1234 5678 3.14159 + x * y").split()
+NUDGE_AFTER_S = 1.5     # the RouterScreen asks again for a routing not back after this long (app/views/screen.py)
+NUDGES = [0]            # ... how often the light pages of this run did
 SCHEMES = ["Softmax top-k (Mixtral)", "Switch top-1 with capacity", "Expert Choice", "DeepSeek-V3 (sigmoid + bias)"]
 
 # The serving flags of the Procfile, less the public address and host (see docs/serving.md). The load
@@ -310,6 +313,7 @@ class LightSession:
     ws_upstream: str | None = None         # ... and of the websocket upgrade
     ids: dict = field(default_factory=dict)
     widget_of: dict = field(default_factory=dict)
+    nudges: int = 0                        # routings this page asked for again (RouterScreen.nudge)
     get_s: float | None = None             # the page GET alone (the server builds the session meanwhile)
     html_bytes: int | None = None          # the page's HTML
     doc_bytes: int | None = None           # the PULL-DOC reply, every websocket fragment of it
@@ -345,6 +349,8 @@ class LightSession:
         self.watch: set[str] = set()
         self.changed = asyncio.Event()
         self.pending: dict[str, asyncio.Future] = {}
+        self.received: list = []              # the last PATCH-DOCs from the server: (time, [(model, attr)])
+        self.key_of: dict = {}
         self.closed = False
         self.last_msg = 0.0
         first = self.pending[None] = asyncio.get_running_loop().create_future()
@@ -426,6 +432,7 @@ class LightSession:
         self.widget_of = {self.ids["k"]: "k", self.ids["n"]: "n_active", self.ids["scheme"]: "scheme",
                           **({self.ids["cf"]: "cf"} if self.ids["cf"] else {})}
         self.watch = {self.ids["screen"]} if self.ids["screen"] else {self.ids["heat"], self.ids["status"]} - {None}
+        self.key_of = {v: k for k, v in self.ids.items() if v}
 
     async def _read(self) -> None:
         first = True
@@ -452,6 +459,9 @@ class LightSession:
                     self.pending.pop(reqid).set_result(msg)
                 elif msg.msgtype == "PATCH-DOC":
                     events = msg.content.get("events", [])
+                    self.received.append((self.last_msg, [(self.key_of.get((ev.get("model") or {}).get("id"), "other"),
+                                                           ev.get("attr") or ev.get("kind")) for ev in events][:8]))
+                    del self.received[:-20]
                     for ev in events:            # the server moves widgets too (a new N brings its defaults)
                         key = self.widget_of.get((ev.get("model") or {}).get("id"))
                         if key and ev.get("kind") == "ModelChanged" and ev.get("attr") in ("value", "active"):
@@ -461,9 +471,13 @@ class LightSession:
                             self.control_state[key][ev["attr"]] = bool(ev["new"])
                             st = self.control_state[key]
                             self.off[key] = st["disabled"] or not st["visible"]
-                    # the screen's DataModel also holds `layer` and `selected`: only its `data` is an update
+                    # the screen's DataModel also holds `layer` and `selected`: an update is its new `data`, or its
+                    # count of routings `answered`, sent with the data once a routing is back (and alone when the
+                    # routing drew exactly what was there: a capacity factor that rounds to the same capacity on
+                    # a short text; the page then shows nothing new, and param sends no data)
                     touched = {(ev.get("model") or {}).get("id") for ev in events
-                               if (ev.get("model") or {}).get("id") != self.ids.get("screen") or ev.get("attr") == "data"}
+                               if (ev.get("model") or {}).get("id") != self.ids.get("screen")
+                               or ev.get("attr") in ("data", "answered")}
                     if touched & self.watch:
                         self.changed.set()
         finally:
@@ -493,9 +507,20 @@ class LightSession:
         t0 = time.monotonic()
         await self._send("PATCH-DOC", {"events": events})
         try:
+            if self.ids.get("screen"):
+                # as the page does: a routing not back after 1.5 s is asked for again (RouterScreen.nudge)
+                try:
+                    await asyncio.wait_for(asyncio.shield(self.changed.wait()), NUDGE_AFTER_S)
+                except asyncio.TimeoutError:
+                    self.nudges += 1
+                    NUDGES[0] += 1
+                    await self._send("PATCH-DOC", {"events": [{"kind": "ModelChanged", "model": {"id": self.ids["screen"]},
+                                                               "attr": "nudge", "new": self.nudges}]})
             await asyncio.wait_for(self.changed.wait(), self.timeout_s)
         except asyncio.TimeoutError:
-            raise UpdateTimeout(f"no update within {self.timeout_s} s") from None
+            sent = ", ".join(f"{key}.{attr}={str(value)[:24]!r}" for key, attr, value in changes)
+            got = [e for t, evs in self.received if t >= t0 for e in evs]
+            raise UpdateTimeout(f"no update within {self.timeout_s} s after {sent}; received {got[:8]}") from None
         if self.closed:
             raise ConnectionError("websocket closed")
         return time.monotonic() - t0
@@ -738,6 +763,7 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
             "update_while_others_arrive": summary(by_phase["arriving"]),
             "update_once_all_arrived": summary(by_phase["all_arrived"]),
             "client_failures": len(failures), "client_failure_samples": failures[:10],
+            "page_nudges": NUDGES[0],     # routings asked for again by the page after NUDGE_AFTER_S (see LightSession.set)
             # server CPU (all its processes): what one session's page costs, and one update (busy phase)
             "server_cpu_s_per_session_open": cpu and round((cpu1 - cpu0) / sessions, 2),
             "server_cpu_s_per_update": cpu and n_updates and round((cpu2 - cpu1) / n_updates, 3),

@@ -25,7 +25,7 @@ class ExportPanel(pn.viewable.Viewer):
     """Download buttons for the current routing, and the PyTorch code that reproduces it."""
 
     state = param.ClassSelector(class_=RouterState)
-    css = param.String(default="", doc="Stylesheet for the text panes (the app's assets/app.css).")
+    css = param.String(default="", doc="Stylesheet for the text panes (app.styles.CSS).")
 
     def __init__(self, **params):
         super().__init__(**params)

@@ -132,20 +132,6 @@ def counters(result, config) -> str:
             f"is tied to the output head, so it is counted once and as active.</p>")
 
 
-def counter_strip(result) -> str:
-    """The compact total-vs-active readout that stays in view beside the controls."""
-    if result is None:
-        return ""
-    p = result.params
-    return (f"<div class='strip' aria-live='polite'>"
-            f"<div><span class='label'>total</span><span class='big' data-testid='total'>{p.total:,}</span></div>"
-            f"<div><span class='label'>active / token</span><span class='big' data-testid='active'>"
-            f"{p.active_per_token:,}</span></div>"
-            f"<div><span class='label'>total / active</span><span class='big'>{p.ratio:.2f}\u00d7</span></div>"
-            f"</div><div class='muted'>Counted from the loaded module. Memory follows N; compute per token "
-            f"follows k.</div>")
-
-
 @lru_cache(maxsize=1)
 def published_rows() -> list[dict]:
     rows = []

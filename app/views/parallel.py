@@ -21,13 +21,13 @@ from bokeh.plotting import figure
 from moe_core.checkpoint import ASSETS
 from moe_core.published import BYTES_PER_PARAM, compute, published_models
 
+from ..styles import CSS
 from .palette import expert_colors, text_color
 
 RUN_DIR = Path(ASSETS) / "parallel"
 GPU_GB = 80          # one H100 (or A100 80GB): 80 GB of HBM, the usual unit for "how many GPUs"
 DTYPE = "bf16"       # how MoE checkpoints are usually served; 2 bytes per parameter
 MAX_RUN_BYTES = 4 * 1024 * 1024
-CSS = (Path(ASSETS) / "app.css").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- data

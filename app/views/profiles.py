@@ -17,7 +17,6 @@ import html
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import panel as pn
 import param
@@ -25,7 +24,7 @@ from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Legend, Legen
 from bokeh.plotting import figure
 from bokeh.transform import dodge
 
-from moe_core.checkpoint import ASSETS
+from ..styles import CSS
 from moe_core.inference import MAX_TOKENS
 from moe_core.profiles import ABLATION_TOKENS, CATEGORIES, ablate, load_profiles
 from moe_core.routing import SCHEMES
@@ -34,7 +33,6 @@ from ..state import RouterState
 from .palette import expert_colors
 from .panels import chip, visible
 
-CSS = (Path(ASSETS) / "app.css").read_text(encoding="utf-8")
 POLL_MS = 200
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ablation")  # one ablation at a time per process
 esc = html.escape

@@ -8,23 +8,22 @@ notification and to an inline alert that screen readers announce.
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 import panel as pn
 import param
 
-from moe_core.checkpoint import ASSETS
+from ..styles import QUIZ_CSS
 
 from ..quiz import Feedback, QuizState, apply_setup, describe_setup
 from ..state import RouterState
 
 esc = html.escape
-STYLES = [(Path(ASSETS) / name).read_text(encoding="utf-8") for name in ("app.css", "quiz.css")]
+STYLES = [QUIZ_CSS]
 TEXT_PREVIEW_CHARS = 600
 
 
 def _html(*args, **kw):
-    """An HTML pane styled by assets/app.css and assets/quiz.css (panes live in shadow roots)."""
+    """An HTML pane styled by assets/page.css, app.css and quiz.css (panes live in shadow roots)."""
     return pn.pane.HTML(*args, stylesheets=STYLES, **kw)
 
 

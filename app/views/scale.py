@@ -74,7 +74,7 @@ class ScaleView(pn.viewable.Viewer):
                                  doc="Who measures (default: the process-wide runner shared by all sessions).")
     show_published = param.Boolean(default=True, doc="Show the published models' total vs active chart beside.")
     autostart = param.Boolean(default=True, doc="Start measuring this server if nobody has yet.")
-    css = param.String(default="", doc="Stylesheet for the text panes (the app's assets/app.css).")
+    css = param.String(default="", doc="Stylesheet for the text panes (app.styles.CSS).")
 
     def __init__(self, **params):
         super().__init__(**params)

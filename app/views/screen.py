@@ -114,7 +114,9 @@ class RouterScreen(JSComponent):
     data = param.String(default="{}", doc="screen_data() as JSON (a string: param compares it in O(1)).")
     layer = param.Integer(default=0, bounds=(0, None), doc="The layer shown.")
     selected = param.Integer(default=0, bounds=(0, None), doc="Index of the selected token.")
-    busy = param.Boolean(default=False, doc="A new routing is on its way (the cue shows after 200 ms).")
+    asked = param.Integer(default=0, doc="Routings asked for by this page's controls (counted by the server).")
+    answered = param.Integer(default=0, doc="Routings done: the busy cue shows while asked > answered, after 200 ms.")
+    nudge = param.Integer(default=0, doc="Bumped by the page when a routing it asked for is not back after 1.5 s.")
     focus = param.String(default="", doc="The view a lesson step points at (decide, tokens, load, counters).")
 
     _esm = r"""
@@ -481,14 +483,19 @@ class RouterScreen(JSComponent):
       model.on("data", draw);
       model.on("layer", () => { drawLayers(); paintText(); drawDecide(); drawLoad(); root.dataset.layer = String(model.layer); });
       model.on("selected", () => { mark(); drawDecide(); });
+      let nudge = null;
       const flags = () => {
-        root.classList.toggle("busy", model.busy);
+        const waiting = model.asked > model.answered;                  // counters: any arrival order settles
+        root.classList.toggle("busy", waiting);
+        clearTimeout(nudge);
+        if (waiting) nudge = setTimeout(() => { if (model.asked > model.answered) model.nudge += 1; }, 1500);
         for (const [name, v] of [["decide", decide], ["tokens", tokens], ["load", load], ["counters", counters]])
           v.classList.toggle("lesson-focus", model.focus === name);
       };
-      model.on("busy", flags);
+      model.on("asked", flags);
+      model.on("answered", flags);
       model.on("focus", flags);
-      model.on("remove", () => { if (timer) clearInterval(timer); clearInterval(fitTimer); removeEventListener("resize", fit); });
+      model.on("remove", () => { if (timer) clearInterval(timer); clearInterval(fitTimer); clearTimeout(nudge); removeEventListener("resize", fit); });
       flags();
       draw();
       fit();
