@@ -1,6 +1,7 @@
 # MoE Router Lab: two commands, both idempotent, both from a clean clone.
 #   make serve   set up .venv and serve the dashboard on http://localhost:5006
 #   make test    set up .venv (+ transformers, Debian chromium, nginx and libjemalloc2 for the tests) and run the whole suite
+#   make check   the fast tier while you work: everything but the browser, serving and slow tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,7 @@ TORCH_SPEC  ?= $(if $(HAS_NVIDIA),torch>=2.4,torch==2.13.0)
 TORCH_INDEX ?= $(if $(HAS_NVIDIA),,--extra-index-url https://download.pytorch.org/whl/cpu)
 CHROMIUM    ?= /usr/bin/chromium
 
-.PHONY: serve test setup bench-deps browser bench clean
+.PHONY: serve test check setup bench-deps browser bench clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +52,9 @@ serve: setup
 
 test: setup bench-deps browser
 	CHROMIUM_PATH=$(CHROMIUM) $(PY) -m pytest
+
+check: setup bench-deps
+	$(PY) -m pytest -q -m "not ui and not serving and not slow"
 
 bench: setup bench-deps
 	$(PY) -m moe_core bench

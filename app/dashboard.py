@@ -53,6 +53,13 @@ def _md(*args, css: str = CSS, **kw):
     return pn.pane.Markdown(*args, stylesheets=[css], **kw)
 
 
+def _wrapping_row(*objs, align_items: str = "flex-end", **kw):
+    """A row whose items wrap onto the next line on a narrow screen (a Bokeh Row cannot: its layout sets
+    its minimum width to the sum of its children's)."""
+    kw.setdefault("margin", 0)
+    return pn.FlexBox(*objs, sizing_mode="stretch_width", align_items=align_items, gap="2px 6px", **kw)
+
+
 def _card(*objs, title: str, width: int | None = None, name: str = "", **kw):
     """A card that keeps its content's height inside a scrolling column (fixed unless collapsible=True).
 
@@ -503,19 +510,16 @@ class Dashboard(pn.viewable.Viewer):
     def header(self):
         """The page's header bar: the title and the classroom tools."""
         title = _html("<div class='app-title'>MoE Router Lab</div>", css=PAGE_CSS, margin=(0, 10), align="center",
-                      styles={"margin-right": "auto"})          # the title left, the tools right (wrapped below it
-        return pn.FlexBox(title, self.lesson_pick, self.presenter, self.share_btn,       # on a narrow screen)
-                          css_classes=["app-header"], stylesheets=[PAGE_CSS], sizing_mode="stretch_width", margin=0,
-                          align_items="center", gap="0 6px")
+                      styles={"margin-right": "auto"})          # the title left, the tools right
+        return _wrapping_row(title, self.lesson_pick, self.presenter, self.share_btn, css_classes=["app-header"],
+                             stylesheets=[PAGE_CSS], align_items="center")
 
     def controls(self):
-        return pn.FlexBox(self.n_experts, self.variant, self.scheme, self.top_k, self.k_fixed, self.capacity,
-                          css_classes=["controls"], sizing_mode="stretch_width", align_items="flex-end",
-                          gap="2px 6px", margin=(0, 4))
+        return _wrapping_row(self.n_experts, self.variant, self.scheme, self.top_k, self.k_fixed, self.capacity,
+                             css_classes=["controls"], margin=(0, 4))
 
     def input_row(self):
-        return pn.FlexBox(self.preset, self.text, self.route_btn, sizing_mode="stretch_width", css_classes=["input-row"],
-                          margin=0, align_items="flex-end", flex_wrap="wrap")
+        return _wrapping_row(self.preset, self.text, self.route_btn, css_classes=["input-row"])
 
     def _named(self, name: str, card):
         self._cards[name] = card

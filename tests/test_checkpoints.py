@@ -56,6 +56,7 @@ def test_same_expert_width_so_active_stays_while_total_grows():
     assert max(actives) - min(actives) <= 4 * 128 * 32      # only the router grows with N
 
 
+@pytest.mark.slow
 def test_trained_model_beats_the_untrained_one_on_held_out_text(data):
     trained = evaluate(load("moe-n8").model, data, batches=8)       # the same windows the card used
     untrained = evaluate(load("moe-n8-untrained").model, data, batches=8)

@@ -140,6 +140,7 @@ def test_models_json_lists_shipped_checkpoints():
             "moe-n8-switch", "moe-n8-untrained"} <= names
 
 
+@pytest.mark.slow
 def test_bench_smoke_json():
     code, out, err = run("bench", "--json", "--quick", "--skip", "train,route", "--experts", "4,8", "--tokens", "512")
     assert code == 0, err
@@ -173,6 +174,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
 """
 
 
+@pytest.mark.slow
 def test_bench_keeps_freed_memory_instead_of_faulting_it_back_in():
     faults = {}
     for mode in ("keep", "default"):

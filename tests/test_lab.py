@@ -26,6 +26,7 @@ def test_a_job_trains_and_reduces_loss():
     assert steps[-1]["eval_loss"] is not None and job.runs[0].model is not None
 
 
+@pytest.mark.slow
 def test_no_balancing_and_bias_balancing_differ_in_max_load():
     """Seeded short runs: the router without balancing concentrates first choices; DeepSeek's bias spreads them."""
     m = JobManager(max_running=1)

@@ -20,6 +20,8 @@ import torch
 
 from scripts.memprobe import AppServer, Opener, live_counts
 
+pytestmark = pytest.mark.serving
+
 SESSION_TYPES = ("Dashboard", "RouterState", "TrainingLab", "Document", "ServerSession", "BokehSessionContext")
 CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
 

@@ -110,6 +110,7 @@ print(json.dumps({"kept": faults_per_step(True), "default": faults_per_step(Fals
 """
 
 
+@pytest.mark.slow
 def test_the_labs_training_job_keeps_its_freed_pages():
     """The lab's steps re-allocate the same buffers: under jemalloc's defaults ~8,800 page faults a step
     (a quarter of its time); inside pages_kept a handful."""

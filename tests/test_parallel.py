@@ -157,6 +157,7 @@ def distributed(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+@pytest.mark.slow     # processes started with torch.distributed
 def test_layer_matches_single_process(distributed, scheme):
     d = distributed["layers"][scheme]
     assert d["same_routing"]
@@ -166,6 +167,7 @@ def test_layer_matches_single_process(distributed, scheme):
 
 
 @pytest.mark.parametrize("scheme", [s for s, _ in SCHEMES])
+@pytest.mark.slow     # processes started with torch.distributed
 def test_traffic_adds_up_to_the_routing(distributed, scheme):
     d = distributed["layers"][scheme]
     # rank 0 holds experts 0-3, rank 1 experts 4-7: what a rank computed is its experts' load
@@ -176,10 +178,12 @@ def test_traffic_adds_up_to_the_routing(distributed, scheme):
         assert sum(d["dropped"]) > 0          # 12 tokens, capacity factor 1: the test really exercises drops
 
 
+@pytest.mark.slow     # processes started with torch.distributed
 def test_a_rank_without_tokens_still_matches(distributed):
     assert distributed["empty_rank"] < 1e-5
 
 
+@pytest.mark.slow     # processes started with torch.distributed
 def test_training_steps_match_single_process(distributed):
     assert distributed["train_changed"] > 1e-3           # the steps really moved the weights
     assert distributed["train_param_diff"] < 1e-5
@@ -187,6 +191,7 @@ def test_training_steps_match_single_process(distributed):
         assert abs(single - parallel) < 1e-5
 
 
+@pytest.mark.slow     # processes started with torch.distributed
 def test_training_loop_matches_train_train(distributed):
     assert distributed["loop_param_diff"] < 1e-5
     assert len(distributed["loop_losses"]) == 3
@@ -198,6 +203,7 @@ def test_training_loop_matches_train_train(distributed):
     assert distributed["loop_traffic_total"] == [128, 128]
 
 
+@pytest.mark.slow     # processes started with torch.distributed
 def test_cli_route_json_matches_single_process():
     from moe_core.checkpoint import load
     from moe_core.export import trace_dict

@@ -111,6 +111,7 @@ def test_oversized_or_malformed_files_get_a_clear_error(tmp_path, monkeypatch):
         load_file(tmp_path / "m")
 
 
+@pytest.mark.serving
 def test_closing_a_session_cancels_its_training_job():
     """A real Panel server session: when the session is destroyed, its lab job is cancelled."""
     import socket

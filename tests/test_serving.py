@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import loadtest  # noqa: E402  (scripts/ is not a package)
 
+pytestmark = pytest.mark.serving
+
 NGINX = os.environ.get("NGINX_PATH") or shutil.which("nginx") or "/usr/sbin/nginx"
 
 

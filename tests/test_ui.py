@@ -142,9 +142,10 @@ def test_moving_k_from_2_to_4_changes_every_token_and_the_counters(page: Page, a
     assert len(after) == len(before) and all(a != b for a, b in zip(after, before))   # every token changed
     assert all(len(a) == 4 and a[:2] == b for a, b in zip(after, before))   # the top 2 stay, 2 more light up
     assert len(lit_experts(page)) == 4
-    # every routing asked for was answered, and the busy cue is off
+    # every routing asked for was answered, and the busy cue is off (two quick presses may reach the
+    # server as one change: one routing)
     page.wait_for_function(f"() => {{ const m = Bokeh.documents[0].get_model_by_name('router_screen');"
-                           f" return m.asked === m.answered && m.asked >= 2 && !{SCREEN}.classList.contains('busy'); }}")
+                           f" return m.asked === m.answered && m.asked >= 1 && !{SCREEN}.classList.contains('busy'); }}")
     total4, active4 = strip_numbers(page)
     assert total4 == total and active4 > active      # compute follows k, memory does not
     page.screenshot(path=str(ARTIFACTS / "k4.png"))
