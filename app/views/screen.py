@@ -362,7 +362,9 @@ class RouterScreen(JSComponent):
               (moved.length ? " The bias changed the choice: without it expert " + moved.join(", ") + " would be lit." :
                " Here the bias did not change the choice."));
         } else if (d.scheme === "gshard") {
-          say("GShard: top-2 with capacity " + l.capacity + " per expert; the second expert is sent by chance, in proportion to its score.");
+          say("GShard: top-2 with room for " + l.capacity + " tokens per expert; first choices take their slots " +
+              "before second choices, so second choices are dropped first (the second expert is always sent here; " +
+              "the paper sends it with probability 2\u00b7p\u2082).");
         } else {
           say("Top-" + (d.k || top.length) + " of " + d.n + " scores light up; their weights are renormalised to sum to 1.");
         }
