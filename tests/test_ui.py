@@ -142,13 +142,26 @@ def test_moving_k_from_2_to_4_changes_every_token_and_the_counters(page: Page, a
     assert len(after) == len(before) and all(a != b for a, b in zip(after, before))   # every token changed
     assert all(len(a) == 4 and a[:2] == b for a, b in zip(after, before))   # the top 2 stay, 2 more light up
     assert len(lit_experts(page)) == 4
-    # every routing asked for was answered, and the busy cue is off (two quick presses may reach the
-    # server as one change: one routing)
-    page.wait_for_function(f"() => {{ const m = Bokeh.documents[0].get_model_by_name('router_screen');"
-                           f" return m.asked === m.answered && m.asked >= 1 && !{SCREEN}.classList.contains('busy'); }}")
+    # a short text is routed at once: no routing left waiting, no busy cue
+    assert page.evaluate(f"() => {{ const m = Bokeh.documents[0].get_model_by_name('router_screen');"
+                         f" return m.asked === m.answered && !{SCREEN}.classList.contains('busy'); }}")
     total4, active4 = strip_numbers(page)
     assert total4 == total and active4 > active      # compute follows k, memory does not
     page.screenshot(path=str(ARTIFACTS / "k4.png"))
+
+
+def test_a_long_text_shows_the_busy_cue_until_its_routing_is_back(page: Page, app_url):
+    from app.dashboard import SLOW_TEXT_CHARS
+
+    open_app(page, app_url)
+    page.evaluate(f"""() => {{ window.__busy = []; const s = {SCREEN};
+        new MutationObserver(() => window.__busy.push(s.classList.contains('busy')))
+            .observe(s, {{attributes: true, attributeFilter: ['class']}}); }}""")
+    text = ("The ferry left the harbour at half past six, later than anyone had promised. " * 40)[:SLOW_TEXT_CHARS + 400]
+    set_text(page, text)
+    page.wait_for_function(f"() => {{ const m = Bokeh.documents[0].get_model_by_name('router_screen');"
+                           f" return m.asked >= 1 && m.asked === m.answered && !{SCREEN}.classList.contains('busy'); }}")
+    assert page.evaluate("() => window.__busy") [:1] == [True]      # the cue went on first, then off
 
 
 def test_switch_makes_the_k_control_and_the_active_counter_say_1(page: Page, app_url):
