@@ -259,11 +259,11 @@ class Dashboard(pn.viewable.Viewer):
         if self._hold_routing:
             self._route_pending = True
             return
-        doc = pn.state.curdoc
+        self.screen.asked += 1            # answered in the same message when routed at once: every routing
+        doc = pn.state.curdoc             # ends with a change the page sees, even one that draws the same picture
         if doc is None or doc.session_context is None or not self._slow():
             self._route_now()
             return
-        self.screen.asked += 1
         pn.state.execute(self._scheduled_route, schedule=True)
 
     def _slow(self) -> bool:

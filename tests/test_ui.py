@@ -160,7 +160,8 @@ def test_a_long_text_shows_the_busy_cue_until_its_routing_is_back(page: Page, ap
     text = ("The ferry left the harbour at half past six, later than anyone had promised. " * 40)[:SLOW_TEXT_CHARS + 400]
     set_text(page, text)
     page.wait_for_function(f"() => {{ const m = Bokeh.documents[0].get_model_by_name('router_screen');"
-                           f" return m.asked >= 1 && m.asked === m.answered && !{SCREEN}.classList.contains('busy'); }}")
+                           f" return m.asked >= 1 && m.asked === m.answered && !{SCREEN}.classList.contains('busy') && "
+                           f"JSON.parse(m.data).tokens.length > 300; }}")
     assert page.evaluate("() => window.__busy") [:1] == [True]      # the cue went on first, then off
 
 
