@@ -220,13 +220,24 @@ class Dashboard(pn.viewable.Viewer):
         s = self.state
         self.screen = RouterScreen(name="router_screen", layer=s.layer,
                                    sizing_mode="stretch_width", margin=(4, 6))
-        self.screen.param.watch(lambda e: setattr(s, "selected_token", e.new), "selected")
-        self.screen.param.watch(lambda e: setattr(s, "layer", e.new), "layer")
+        self.screen.param.watch(self._on_screen_pick, ["selected", "layer"])
         # the page asks again when a routing it asked for is not back after 1.5 s: the load test saw a scheduled
         # routing never run about once in 1,400 updates with 40 students busy (no error logged)
         self.screen.param.watch(lambda e: self._scheduled_route(), "nudge")
         self.status = _html(css=PAGE_CSS, css_classes=["status-line"], sizing_mode="stretch_width", margin=(0, 6))
         self.lesson_bar = self.share_row = None       # built the first time a lesson opens or a link is made
+
+    def _on_screen_pick(self, event):
+        """A token or layer picked in the browser. Values come over the websocket: one the page could not
+        have sent (a layer the model lacks, a token past the end) is put back, never raised on."""
+        s = self.state
+        n = len(s.result.tokens) if s.result is not None else 1
+        if event.name == "layer" and event.new in s.param.layer.objects:
+            s.layer = event.new
+        elif event.name == "selected" and 0 <= event.new < n:
+            s.selected_token = event.new
+        else:
+            self.screen.param.update(layer=s.layer, selected=s.selected_token)
 
     def _on_view(self, *events):
         s = self.state

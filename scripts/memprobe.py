@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WATCHED = ("Dashboard", "RouterState", "TrainingLab", "RouterScreen", "Document", "ColumnDataSource", "Figure",
            "ServerSession", "BokehSessionContext", "Template", "BootstrapTemplate", "Tabs", "HeatmapView",
-           "FlowView", "LoadView", "Notification", "NotificationArea", "Location")
+           "FlowView", "Notification", "NotificationArea", "Location")
 
 
 def rss_mb() -> float:

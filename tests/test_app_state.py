@@ -5,7 +5,7 @@ import pytest
 
 from app.state import MAX_TEXT_CHARS, RouterState, catalog, examples
 from app.views.panels import balance_table, counters, published_table, token_detail, visible
-from app.views.tokens import token_view_data
+from app.views.screen import screen_data
 from moe_core.inference import MAX_TOKENS
 
 
@@ -102,9 +102,9 @@ def test_views_escape_user_text():
     detail = token_detail(s.result, [0], 0)
     assert "<img" not in detail and "<script" not in detail
     assert html.escape("<") in visible("<")
-    data = token_view_data(s.result, [0, 1])
-    assert "".join(data["texts"]) == s.text  # raw text goes to the JS view, which only sets textContent
-    assert len(data["layers"]) == 2 and len(data["layers"][0]["c1"]) == len(s.result.tokens)
+    data = screen_data(s.result, s.model)
+    assert "".join(data["tokens"]) == s.text  # raw text goes to the JS view, which only sets textContent
+    assert len(data["layers"]) == len(s.result.routings) and len(data["layers"][0]["top"]) == len(s.result.tokens)
 
 
 def test_panels_show_real_numbers(state):

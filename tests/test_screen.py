@@ -125,3 +125,16 @@ def test_details_are_built_when_opened_and_drawn_only_while_shown():
     assert d.details.detail.object == before and d._details_stale
     d.show_tab("details")
     assert "Token 3" in d.details.detail.object and not d._details_stale
+
+
+def test_a_layer_or_token_the_page_could_not_send_is_put_back():
+    d = Dashboard()
+    d.page_layout()
+    d.screen.layer = 2
+    assert d.state.layer == 2
+    d.screen.layer = 9                                # the model has layers 0-3
+    assert d.state.layer == 2 and d.screen.layer == 2
+    d.screen.selected = 3
+    assert d.state.selected_token == 3
+    d.screen.selected = 10_000                        # past the last token
+    assert d.state.selected_token == 3 and d.screen.selected == 3

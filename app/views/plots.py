@@ -1,4 +1,4 @@
-"""Bokeh views of one routing result: heatmap, flow view, load tallies.
+"""Bokeh views of one routing result for the Router details tab: heatmap and flow view.
 
 Each view owns its figures and ColumnDataSources, and `update()` swaps the
 data in place (the caller wraps updates in `pn.io.hold()`). Every model has a
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from bokeh.models import (
-    BoxAnnotation, ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d, Span, TapTool,
+    BoxAnnotation, ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d, TapTool,
 )
 from bokeh.palettes import Cividis256
 from bokeh.plotting import figure
@@ -185,56 +185,3 @@ class FlowView:
                              "load": load.tolist()}
         self.fig.y_range.update(start=-1, end=span)
         self.fig.title.text = f"Layer {layer}: tokens {lo}\u2013{hi - 1} \u2192 experts"
-
-
-class LoadView:
-    """Tokens per expert, one bar chart per layer, with capacity and fair-share lines."""
-
-    def __init__(self, n_layer_max: int = 4):
-        self.figs, self.sources, self.caps, self.fairs = [], [], [], []
-        for li in range(n_layer_max):
-            src = ColumnDataSource({k: [] for k in ("e", "load", "share", "color", "label")}, name=f"load_{li}")
-            # Range1d, set in update(): an auto-ranging DataRange1d in the page could keep an older extent
-            # and cut the busiest bar off when a model with a taller one was loaded (seen in a lesson)
-            f = figure(height=200, sizing_mode="stretch_width", tools="save", toolbar_location="right",
-                       name=f"load_fig_{li}", title=f"Layer {li}: tokens per expert",
-                       y_range=Range1d(0, 1, name=f"load_y_{li}"))
-            f.vbar("e", top="load", width=0.8, source=src, fill_color="color", line_color="#222")
-            f.text("e", "load", text="label", source=src, text_align="center", text_baseline="bottom",
-                   text_font_size="10px", y_offset=-2)
-            cap = Span(location=0, dimension="width", line_color="#D55E00", line_width=2.5, line_dash="dashed",
-                       visible=False, name=f"load_capacity_{li}")
-            fair = Span(location=0, dimension="width", line_color="#333333", line_width=1.5, line_dash="dotted",
-                        name=f"load_fair_{li}")
-            f.add_layout(cap)
-            f.add_layout(fair)
-            f.add_tools(HoverTool(tooltips=[("expert", "@e"), ("tokens", "@load"), ("share", "@share{0.0%}")]))
-            f.xaxis.axis_label = "expert"
-            f.xaxis.ticker = FixedTicker(ticks=[])
-            f.xgrid.visible = False
-            self.figs.append(f)
-            self.sources.append(src)
-            self.caps.append(cap)
-            self.fairs.append(fair)
-
-    def update(self, result, layers: list[int]) -> None:
-        if result is None:
-            return
-        for li, f in enumerate(self.figs):
-            f.visible = li in layers and li < len(result.routings)
-            if not f.visible:
-                continue
-            r = result.routings[li]
-            N = r.n_experts
-            load = r.load.numpy()
-            total = max(int(load.sum()), 1)
-            self.sources[li].data = {"e": np.arange(N), "load": load, "share": load / total,
-                                     "color": expert_colors(N), "label": [str(int(v)) for v in load]}
-            self.fairs[li].location = total / N
-            self.caps[li].visible = r.capacity is not None
-            if r.capacity is not None:
-                self.caps[li].location = r.capacity
-            f.y_range.end = max(float(load.max()), float(r.capacity or 0), total / N) * 1.15 + 1
-            f.xaxis.ticker.ticks = list(range(N)) if N <= 16 else list(range(0, N, 4))
-            cap = f", capacity {r.capacity}" if r.capacity is not None else ""
-            f.title.text = f"Layer {li}: tokens per expert{cap}"
