@@ -37,7 +37,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-from moe_core import pages
+from moe_core.perf import pages
 
 CHOICES = ("auto", "jemalloc", "system")
 ENV_CHOICE = "MOE_LAB_ALLOCATOR"            # auto | jemalloc | system

@@ -18,20 +18,25 @@ from types import SimpleNamespace
 import panel as pn
 import param
 
-from moe_core.explain import router_walkthrough
-from moe_core.routing import SCHEMES
+from moe_core.analysis.explain import router_walkthrough
+from moe_core.model.routing import SCHEMES
 
 from .lessons import LessonState, fill, lesson_numbers, lessons
 from .share import MAX_TEXT_IN_URL, apply_to_state, parse_query, share_url, state_query
-from .state import RouterState, corpus_profile, examples
+from .state import RouterState, examples
 from .styles import CSS, PAGE_CSS
 from .views.pagecontrol import PageControl
+from .views.panels import (
+    balance_table,
+    counters,
+    explainer_markdown,
+    published_table,
+    right_now,
+    token_detail,
+)
 from .views.plots import FlowView, HeatmapView
 from .views.published_chart import published_chart
-from .views.panels import (
-    balance_table, counters, explainer_markdown, published_table, right_now, token_detail,
-)
-from .views.screen import RouterScreen, per_token_text, screen_json
+from .views.screen import RouterScreen, per_token_text
 from .views.toast import Toast
 from .views.walkthrough import routing_table_html, walkthrough_html
 
@@ -99,7 +104,7 @@ class Dashboard(pn.viewable.Viewer):
         self.details = None
         self._details_stale = True
         self.toast = Toast(name="toast", margin=0)
-        s.param.watch(self._route, ["text", "n_experts", "variant", "top_k", "scheme", "capacity_factor"])
+        s.param.watch(self._route, ["text", "n_experts", "balancing", "top_k", "scheme", "capacity_factor"])
         s.param.watch(self._redraw, ["result"])
         s.param.watch(self._on_view, ["selected_token", "layer"])
         s.param.watch(self._on_error, ["error"])
@@ -125,31 +130,27 @@ class Dashboard(pn.viewable.Viewer):
                                              sizing_mode="stretch_width", css_classes=["text-input"],
                                              styles={"flex": "1 1 300px", "min-width": "0"})
         self.route_btn = pn.widgets.Button(name="Route", button_type="primary", width=80, align="end")
-        self.n_experts = pn.widgets.RadioButtonGroup(name="N (experts)", options=list(s.param.n_experts.objects),
-                                                     value=s.n_experts, button_type="default", align="end")
-        self.variant = pn.widgets.Select(name="Model trained with", options=list(s.param.variant.objects),
-                                         value=s.variant, width=170)
-        self.scheme = pn.widgets.Select(name="Routing scheme", options={v.label: k for k, v in SCHEMES.items()},
-                                        value=s.scheme, width=220)
-        self.top_k = pn.widgets.IntSlider(name="k (experts per token)", start=1, end=s.param.top_k.bounds[1],
-                                          value=s.top_k, step=1, width=250, visible=s.scheme_info.uses_k)
+        # the routing controls are bound to the state's parameters (both ways, options and bounds too);
+        # the sliders set the state when released
+        self.n_experts = pn.widgets.RadioButtonGroup.from_param(s.param.n_experts, name="N (experts)",
+                                                                button_type="default", margin=(0, 10, 5, 10))
+        self.balancing = pn.widgets.Select.from_param(s.param.balancing, name="Model trained with", width=170)
+        self.scheme = pn.widgets.Select.from_param(s.param.scheme, name="Routing scheme", width=220,
+                                                   options={v.label: k for k, v in SCHEMES.items()})
+        self.top_k = pn.widgets.IntSlider.from_param(s.param.top_k, name="k (experts per token)", throttled=True,
+                                                     width=250, visible=s.scheme_info.uses_k)
         # a scheme without a top-k says what it does instead, where the slider was
         self.k_fixed = _html(css=PAGE_CSS, width=250, css_classes=["k-fixed"], visible=not s.scheme_info.uses_k, align="end")
-        self.capacity = pn.widgets.FloatSlider(name="Capacity factor", start=0.25, end=4.0, step=0.05,
-                                               value=s.capacity_factor, format="0.00", width=170,
-                                               disabled=not s.scheme_info.uses_capacity)
+        self.capacity = pn.widgets.FloatSlider.from_param(s.param.capacity_factor, name="Capacity factor", throttled=True,
+                                                          format="0.00", width=170,
+                                                          disabled=not s.scheme_info.uses_capacity)
         self.badge = _html(css=PAGE_CSS, sizing_mode="stretch_width", css_classes=["badge"], margin=(0, 6))
 
         self.preset.param.watch(self._on_preset, "value")
         self.text.param.watch(self._on_typing, "value_input")
         self.text.param.watch(self._on_text_commit, "value")
         self.route_btn.on_click(lambda e: self._commit_text(self.text.value_input or self.text.value, force=True))
-        self.n_experts.param.watch(lambda e: setattr(s, "n_experts", e.new), "value")
-        self.variant.param.watch(lambda e: setattr(s, "variant", e.new), "value")
-        self.scheme.param.watch(lambda e: setattr(s, "scheme", e.new), "value")
-        self.top_k.param.watch(lambda e: setattr(s, "top_k", e.new), "value_throttled")
-        self.capacity.param.watch(lambda e: setattr(s, "capacity_factor", e.new), "value_throttled")
-        s.param.watch(self._sync_widgets, ["n_experts", "variant", "top_k", "scheme", "capacity_factor"])
+        s.param.watch(self._on_scheme, ["scheme"])
         s.param.watch(self._sync_text, ["text"])
         self._typing_token = None
 
@@ -168,19 +169,11 @@ class Dashboard(pn.viewable.Viewer):
     def _on_presenter(self, event):
         self.page_control.presenter = event.new
 
-    def _sync_widgets(self, *events):
-        s = self.state
-        self.n_experts.options = list(s.param.n_experts.objects)
-        self.variant.options = list(s.param.variant.objects)
-        self.variant.value = s.variant
-        self.n_experts.value = s.n_experts
-        self.top_k.end = s.param.top_k.bounds[1]
-        self.top_k.value = s.top_k
-        self.top_k.visible = s.scheme_info.uses_k
-        self.k_fixed.visible = not s.scheme_info.uses_k
-        self.capacity.value = s.capacity_factor
-        self.capacity.disabled = not s.scheme_info.uses_capacity
-        self.scheme.value = s.scheme
+    def _on_scheme(self, event):
+        """A scheme without a top-k shows what it does instead of the slider; one without a capacity greys it."""
+        info = self.state.scheme_info
+        self.top_k.visible, self.k_fixed.visible = info.uses_k, not info.uses_k
+        self.capacity.disabled = not info.uses_capacity
 
     def _sync_text(self, event):
         """Text set by a lesson or a link shows in the text box (typing sets it the other way round)."""
@@ -218,39 +211,23 @@ class Dashboard(pn.viewable.Viewer):
 
     def _build_views(self):
         s = self.state
-        self.screen = RouterScreen(name="router_screen", layer=s.layer,
-                                   sizing_mode="stretch_width", margin=(4, 6))
-        self.screen.param.watch(self._on_screen_pick, ["selected", "layer"])
+        self.screen = RouterScreen(name="router_screen", sizing_mode="stretch_width", margin=(4, 6)).follow(s)
         # the page asks again when a routing it asked for is not back after 1.5 s: the load test saw a scheduled
         # routing never run about once in 1,400 updates with 40 students busy (no error logged)
         self.screen.param.watch(lambda e: self._scheduled_route(), "nudge")
         self.status = _html(css=PAGE_CSS, css_classes=["status-line"], sizing_mode="stretch_width", margin=(0, 6))
         self.lesson_bar = self.share_row = None       # built the first time a lesson opens or a link is made
 
-    def _on_screen_pick(self, event):
-        """A token or layer picked in the browser. Values come over the websocket: one the page could not
-        have sent (a layer the model lacks, a token past the end) is put back, never raised on."""
-        s = self.state
-        n = len(s.result.tokens) if s.result is not None else 1
-        if event.name == "layer" and event.new in s.param.layer.objects:
-            s.layer = event.new
-        elif event.name == "selected" and 0 <= event.new < n:
-            s.selected_token = event.new
-        else:
-            self.screen.param.update(layer=s.layer, selected=s.selected_token)
-
     def _on_view(self, *events):
-        s = self.state
-        self.screen.param.update(selected=s.selected_token, layer=s.layer)
         self._redraw_details()
         self._refresh_lesson_text()
 
-    def _walkthrough(self, model, text, token, layer, **request):
+    def _walkthrough(self, model, text, token, layer, request):
         """router_walkthrough, remembered for the last request (the lesson text and the walkthrough
         card both quote it, and a redraw should not run the model twice)."""
-        key = (id(model), text, token, layer, tuple(sorted(request.items())))
+        key = (id(model), text, token, layer, request)
         if self._walk_cache is None or self._walk_cache[0] != key:
-            self._walk_cache = (key, router_walkthrough(model, text, token, layer, **request))
+            self._walk_cache = (key, router_walkthrough(model, text, token, layer, request))
         return self._walk_cache[1]
 
     def _on_error(self, event):
@@ -310,8 +287,6 @@ class Dashboard(pn.viewable.Viewer):
         if res is None:
             return
         with pn.io.hold():
-            self.screen.param.update(data=screen_json(res, s.model, corpus_profile(s.model)),
-                                     selected=s.selected_token, layer=s.layer)
             self.k_fixed.object = f"<div class='k-fixed'>{html.escape(k_fixed_text(s))}</div>"
             badge = s.badge()
             self.badge.object = (f"<div class='badge-{badge['level']}'>"
@@ -403,7 +378,7 @@ class Dashboard(pn.viewable.Viewer):
             d.explainer.object = explainer_markdown(s.scheme)
             t = min(s.selected_token, len(res.tokens) - 1)
             try:
-                w = self._walkthrough(s.model, s.text, t, s.layer, **s.request())
+                w = self._walkthrough(s.model, s.text, t, s.layer, s.request())
                 d.walk.object = walkthrough_html(w)
             except ValueError as e:
                 d.walk.object = f"<div class='muted'>{html.escape(str(e))}</div>"
@@ -533,7 +508,9 @@ class Dashboard(pn.viewable.Viewer):
                              stylesheets=[PAGE_CSS], align_items="center")
 
     def controls(self):
-        return _wrapping_row(self.n_experts, self.variant, self.scheme, self.top_k, self.k_fixed, self.capacity,
+        n = pn.Column(_html("<div class='n-label'>N (experts)</div>", css=PAGE_CSS, margin=(0, 10)), self.n_experts,
+                      margin=0)                 # a button group has no title of its own
+        return _wrapping_row(n, self.balancing, self.scheme, self.top_k, self.k_fixed, self.capacity,
                              css_classes=["controls"], margin=(0, 4))
 
     def input_row(self):

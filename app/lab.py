@@ -1,7 +1,7 @@
 """The training lab tab: train a real MoE live and watch the router collapse, or not.
 
-Widgets build a `moe_core.lab.Recipe`; Train submits a job to the process-wide
-`moe_core.lab.manager()` (server-wide cap, queue); a periodic callback polls the
+Widgets build a `moe_core.train.lab.Recipe`; Train submits a job to the process-wide
+`moe_core.train.lab.manager()` (server-wide cap, queue); a periodic callback polls the
 job and streams its new steps into Bokeh sources. One job per session: a new
 Train cancels the old job, and closing the tab cancels it too.
 """
@@ -18,10 +18,18 @@ import param
 from bokeh.models import ColumnDataSource, HoverTool, Legend, Span
 from bokeh.plotting import figure
 
-from moe_core.lab import (
-    BALANCING, COLLAPSED_SHARE, MAX_EXPERTS, MAX_STEPS, PRESETS, UNEVEN_FACTOR, Recipe, manager, status,
+from moe_core.model.routing import SCHEMES
+from moe_core.train.lab import (
+    BALANCING,
+    COLLAPSED_SHARE,
+    MAX_EXPERTS,
+    MAX_STEPS,
+    RECIPES,
+    UNEVEN_FACTOR,
+    Recipe,
+    manager,
+    status,
 )
-from moe_core.routing import SCHEMES
 
 from .views.palette import expert_colors
 
@@ -72,7 +80,7 @@ class TrainingLab(pn.viewable.Viewer):
     # -- widgets -------------------------------------------------------------------
 
     def _build_widgets(self):
-        self.preset = pn.widgets.Select(name="Preset", options=list(PRESETS), value=list(PRESETS)[0])
+        self.preset = pn.widgets.Select(name="Preset", options=list(RECIPES), value=list(RECIPES)[0])
         self.n = pn.widgets.IntSlider(name="N (experts)", start=2, end=MAX_EXPERTS, value=8)
         self.k = pn.widgets.IntSlider(name="k (experts per token)", start=1, end=8, value=2)
         self.scheme = pn.widgets.Select(name="Routing scheme", options={v.label: k for k, v in SCHEMES.items()},
@@ -87,7 +95,7 @@ class TrainingLab(pn.viewable.Viewer):
         self.steps = pn.widgets.IntSlider(name="Steps", start=20, end=MAX_STEPS, step=10, value=300)
         self.seed = pn.widgets.IntInput(name="Seed", value=0, start=0, end=2**31 - 1)
         self.compare = pn.widgets.Select(name="Compare with (same seed and data)",
-                                         options=["(nothing)", *PRESETS], value="(nothing)")
+                                         options=["(nothing)", *RECIPES], value="(nothing)")
         self.train_btn = pn.widgets.Button(name="Train", button_type="primary")
         self.pause_btn = pn.widgets.Button(name="Pause", disabled=True)
         self.step_btn = pn.widgets.Button(name="Step +1", disabled=True)
@@ -114,7 +122,7 @@ class TrainingLab(pn.viewable.Viewer):
                                  "(2 layers, d_model 64) so a minute of CPU shows the dynamics.")
 
     def _on_preset(self, event):
-        r = PRESETS[self.preset.value]
+        r = RECIPES[self.preset.value]
         self.n.value, self.k.value, self.scheme.value = r.n_experts, r.top_k, r.scheme
         self.balancing.value, self.capacity.value = r.balancing, r.capacity_factor
         self._on_scheme(None)
@@ -126,7 +134,7 @@ class TrainingLab(pn.viewable.Viewer):
 
     def recipe(self) -> Recipe:
         return Recipe(n_experts=self.n.value, top_k=self.k.value, scheme=self.scheme.value,
-                      balancing=self.balancing.value, aux_coef=self.aux.value, gamma=self.gamma.value,
+                      balancing=self.balancing.value, aux_loss_coef=self.aux.value, bias_update_rate=self.gamma.value,
                       capacity_factor=self.capacity.value, steps=self.steps.value, seed=int(self.seed.value or 0))
 
     # -- job control ---------------------------------------------------------------------
@@ -134,8 +142,8 @@ class TrainingLab(pn.viewable.Viewer):
     def start(self):
         try:
             recipes = [self.recipe().validate()]
-            if self.compare.value in PRESETS:
-                other = PRESETS[self.compare.value]
+            if self.compare.value in RECIPES:
+                other = RECIPES[self.compare.value]
                 recipes.append(Recipe(**{**other.__dict__, "steps": recipes[0].steps, "seed": recipes[0].seed,
                                          "n_experts": recipes[0].n_experts}).validate())
         except ValueError as e:
@@ -357,7 +365,7 @@ class TrainingLab(pn.viewable.Viewer):
     # -- results ------------------------------------------------------------------------------
 
     def _loaded(self):
-        from moe_core.checkpoint import LoadedModel
+        from moe_core.model.checkpoint import LoadedModel
 
         run = self.job.runs[0]
         steps = run.steps
@@ -372,12 +380,12 @@ class TrainingLab(pn.viewable.Viewer):
         if self.job is None or self.job.state != "done" or self.router_state is None:
             return
         self.router_state.use_lab_model(self._loaded())
-        self._notify("success", "The lab model is loaded in the Router tab (variant: trained in the lab).")
+        self._notify("success", "The lab model is loaded in the Router tab (trained in the lab).")
 
     def _download(self):
         import tempfile
 
-        from moe_core.checkpoint import save
+        from moe_core.model.checkpoint import save
 
         if self.job is None or self.job.state != "done":
             return io.BytesIO(b"")

@@ -23,12 +23,13 @@ import html
 import json
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import param
 
-from moe_core.checkpoint import ASSETS
+from moe_core.model.checkpoint import ASSETS
 
 from .share import TABS, apply_to_state, parse_query
 
@@ -108,18 +109,13 @@ def _human(n: int) -> str:
     return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,}"
 
 
-class _Missing(dict):
-    def __missing__(self, key):
-        return "?"
-
-
 def lesson_numbers(state, walkthrough=None) -> dict[str, str]:
     """The live figures a lesson step may quote, from the state's current RouteResult.
 
     `walkthrough(model, text, token, layer, **request)` computes the selected token's router
-    walkthrough (default: `moe_core.explain.router_walkthrough`; the dashboard passes a cached one)."""
-    from moe_core.explain import router_walkthrough
-    from moe_core.metrics import balance_metrics
+    walkthrough (default: `moe_core.analysis.explain.router_walkthrough`; the dashboard passes a cached one)."""
+    from moe_core.analysis.explain import router_walkthrough
+    from moe_core.analysis.metrics import balance_metrics
 
     res = state.result
     if res is None:
@@ -145,7 +141,7 @@ def lesson_numbers(state, walkthrough=None) -> dict[str, str]:
         out["nmi"] = f"{nmi[0]:.2f}"
     t = min(state.selected_token, len(res.tokens) - 1)
     try:
-        w = (walkthrough or router_walkthrough)(state.model, state.text, t, layer, **state.request())
+        w = (walkthrough or router_walkthrough)(state.model, state.text, t, layer, state.request())
     except ValueError:
         return out
     out.update(token_text=markdown_safe(w["token_text"].replace("\n", "\u21b5")), experts=" and ".join(map(str, w["experts"])),
@@ -161,9 +157,25 @@ def markdown_safe(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def fill(body: str, numbers: dict[str, str]) -> str:
-    """Fill {placeholders}; a placeholder with no live value reads '?' rather than failing."""
-    return body.format_map(_Missing(numbers))
+class _Filler(string.Formatter):
+    """str.format showing ? for a missing name, and the plain value where a format spec does not fit."""
+
+    def get_value(self, key, args, kwargs):
+        if isinstance(key, str):
+            return kwargs[key] if key in kwargs else "?"
+        return super().get_value(key, args, kwargs)
+
+    def format_field(self, value, format_spec):
+        try:
+            return super().format_field(value, format_spec)
+        except (ValueError, TypeError):
+            return str(value)
+
+
+def fill(template: str, numbers: dict) -> str:
+    """Fill {placeholders} of a lesson step or quiz text with live numbers: a name with no live value reads
+    '?' and None 'n/a', rather than failing."""
+    return _Filler().vformat(template, (), {k: ("n/a" if v is None else v) for k, v in numbers.items()})
 
 
 class LessonState(param.Parameterized):

@@ -1,6 +1,6 @@
 """`panel serve app/main.py`: the MoE Router Lab dashboard (this script runs once per browser session).
 
-The model weights are loaded once per server process (moe_core.checkpoint.load
+The model weights are loaded once per server process (moe_core.model.checkpoint.load
 caches them) and shared read-only by every session; each session holds only
 its own RouterState and the few views it has opened.
 """

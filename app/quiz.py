@@ -4,7 +4,7 @@ A quiz question is only worth asking if the student can check it against the
 real thing. So no answer here is typed in by hand: every `Question` carries a
 `solve` function that loads the shipped checkpoint named in its `setup`, routes
 a fixed text with `moe_core.inference.route_text` (or counts parameters with
-`moe_core.params.count_params`), and derives the correct option or number from
+`moe_core.model.params.count_params`), and derives the correct option or number from
 what the model actually did. Retrain a checkpoint and the answers follow.
 
     quiz = QuizState()
@@ -13,7 +13,7 @@ what the model actually did. Retrain a checkpoint and the answers follow.
     fb.correct, fb.answer, fb.explanation
     quiz.next()
 
-Each question's `setup` ({n_experts, variant, scheme, top_k, capacity_factor,
+Each question's `setup` ({n_experts, balancing, scheme, top_k, capacity_factor,
 text, layer, model}) is what the Router tab needs to show the same thing:
 `apply_setup(router_state, setup)` applies it to a `RouterState`.
 
@@ -26,7 +26,6 @@ import copy
 import dataclasses
 import math
 import re
-import string
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -35,14 +34,17 @@ from typing import Callable
 import param
 import torch
 
-from moe_core.checkpoint import LoadedModel, load
+from moe_core.analysis.metrics import balance_metrics
+from moe_core.analysis.profiles import load_profiles
+from moe_core.data.categories import COARSE_CATEGORIES, coarse_category
 from moe_core.inference import route_text
-from moe_core.layer import MoELayer
-from moe_core.metrics import balance_metrics
-from moe_core.params import count_params
-from moe_core.profiles import load_profiles
-from moe_core.routing import SCHEMES
+from moe_core.model.checkpoint import LoadedModel, load
+from moe_core.model.layer import MoELayer
+from moe_core.model.params import count_params
+from moe_core.model.request import RoutingRequest, resolve
+from moe_core.model.routing import SCHEMES
 
+from .lessons import fill
 from .state import catalog
 
 # ----------------------------------------------------------------------------- fixed texts
@@ -59,27 +61,12 @@ BIOLOGY_PARAGRAPH = ("In mitosis a human cell with 46 chromosomes copies its DNA
                      "carries 23 chromosomes.\n")
 MIXED_TEXT = MATHS_PARAGRAPH + BIOLOGY_PARAGRAPH
 
-KINDS = ("digits", "spaces", "punctuation", "word starts", "word pieces")
-KIND_ONE = {"digits": "digit", "spaces": "space", "punctuation": "punctuation", "word starts": "word-start",
-            "word pieces": "word-piece"}   # "23 digit tokens"
-
-
-def token_kind(text: str) -> str:
-    """A coarse, purely surface class of a token: what a router could pick up without knowing any topic."""
-    if text.strip().isdigit():
-        return "digits"
-    if text.isspace():
-        return "spaces"
-    if not any(c.isalnum() for c in text):
-        return "punctuation"
-    return "word starts" if text[:1].isspace() else "word pieces"
-
 
 # ----------------------------------------------------------------------------- models and routing
 
 
 def model_entry(name: str) -> dict:
-    """The catalog entry (n_experts, variant label, scheme, ...) of a shipped checkpoint."""
+    """The catalog entry (n_experts, balancing label, scheme, ...) of a shipped checkpoint."""
     for m in catalog():
         if m["name"] == name:
             return m
@@ -103,24 +90,20 @@ def make_setup(name: str, text: str, *, layer: int = 0, scheme: str | None = Non
         capacity_factor = float(capacity_factor)
     else:
         capacity_factor = None
-    return {"model": name, "n_experts": m["n_experts"], "variant": m["variant"], "scheme": scheme,
+    return {"model": name, "n_experts": m["n_experts"], "balancing": m["balancing"], "scheme": scheme,
             "top_k": top_k, "capacity_factor": capacity_factor, "text": text, "layer": layer}
 
 
-def setup_request(setup: dict) -> dict:
-    """The route_text options of a setup (only those that apply to its scheme)."""
-    req = {"scheme": setup["scheme"]}
-    if setup.get("top_k") is not None:
-        req["top_k"] = setup["top_k"]
-    if setup.get("capacity_factor") is not None:
-        req["capacity_factor"] = setup["capacity_factor"]
-    return req
+def setup_request(setup: dict) -> RoutingRequest:
+    """How a setup routes (its model's request for the setup's scheme, k and capacity factor)."""
+    return RoutingRequest.make(load(setup["model"]).config, setup["scheme"], setup.get("top_k"),
+                               setup.get("capacity_factor"))
 
 
 def describe_setup(setup: dict) -> str:
     """One plain-text line: which model, routing and layer a question uses."""
     s = SCHEMES[setup["scheme"]]
-    bits = [f"{setup['model']} (N = {setup['n_experts']}, {setup['variant']})", s.label]
+    bits = [f"{setup['model']} (N = {setup['n_experts']}, {setup['balancing']})", s.label]
     if setup.get("top_k") is not None:
         bits.append(f"k = {setup['top_k']}")
     if setup.get("capacity_factor") is not None:
@@ -143,14 +126,15 @@ def clear_cache() -> None:
         _BIAS_FREE.clear()
 
 
-def routed(model: LoadedModel, text: str, **request):
+def routed(model: LoadedModel, text: str, request: RoutingRequest | None = None, **choices):
     """route_text with a small LRU cache: the forward pass is deterministic in eval mode."""
-    key = (model.name, id(model.model), text, tuple(sorted(request.items())))
+    request = resolve(model.config, request, **choices)
+    key = (model.name, id(model.model), text, request)
     with _cache_lock:
         if key in _ROUTE_CACHE:
             _ROUTE_CACHE.move_to_end(key)
             return _ROUTE_CACHE[key]
-    res = route_text(model, text, **request)
+    res = route_text(model, text, request)
     with _cache_lock:
         _ROUTE_CACHE[key] = res
         while len(_ROUTE_CACHE) > _ROUTE_CACHE_MAX:
@@ -159,7 +143,7 @@ def routed(model: LoadedModel, text: str, **request):
 
 
 def route_setup(setup: dict):
-    return routed(load(setup["model"]), setup["text"], **setup_request(setup))
+    return routed(load(setup["model"]), setup["text"], setup_request(setup))
 
 
 def _bias_free(model: LoadedModel) -> LoadedModel:
@@ -233,7 +217,7 @@ def solve_digits_expert(q: Question) -> Live:
     res = route_setup(q.setup)
     layer, N = q.setup["layer"], q.setup["n_experts"]
     top1 = _first_choice(res, layer)
-    digits = [e for t, e in zip(res.tokens, top1) if token_kind(t.text) == "digits"]
+    digits = [e for t, e in zip(res.tokens, top1) if coarse_category(t.text) == "digit"]
     if not digits:
         raise ValueError("the digits question's text has no digit tokens")
     counts = torch.bincount(torch.tensor(digits), minlength=N)
@@ -349,11 +333,11 @@ def solve_topic_or_kind(q: Question) -> Live:
     top1 = _first_choice(res, layer)
     split = len(MATHS_PARAGRAPH)
     para = ["maths" if t.start < split else "biology" for t in res.tokens]
-    kinds = [token_kind(t.text) for t in res.tokens]
+    kinds = [coarse_category(t.text) for t in res.tokens]
     maths_top1 = Counter(e for e, p in zip(top1, para) if p == "maths")
     x = min(maths_top1, key=lambda e: (-maths_top1[e], e))
     mine = [i for i, e in enumerate(top1) if e == x]
-    kind = min(KINDS, key=lambda c: (-sum(kinds[i] == c for i in mine), KINDS.index(c)))
+    kind = min(COARSE_CATEGORIES, key=lambda c: (-sum(kinds[i] == c for i in mine), COARSE_CATEGORIES.index(c)))
 
     def rate(paragraph: str, only_kind: bool) -> tuple[int, int]:
         pool = [i for i in range(len(top1)) if para[i] == paragraph and (not only_kind or kinds[i] == kind)]
@@ -371,7 +355,7 @@ def solve_topic_or_kind(q: Question) -> Live:
         answer = 2
     examples = [res.tokens[i].text for i in mine][:12]
     kind_share = sum(kinds[i] == kind for i in mine) / len(mine)
-    return Live(answer, {"expert": x, "kind": kind, "kind_one": KIND_ONE[kind], "n_mine": len(mine),
+    return Live(answer, {"expert": x, "kind": kind, "n_mine": len(mine),
                          "kind_share": kind_share,
                          "k_maths": km, "n_kind_maths": kn_m, "k_bio": kb, "n_kind_bio": kn_b,
                          "rate_kind_maths": r_km, "rate_kind_bio": r_kb, "rate_maths": r_am, "rate_bio": r_ab,
@@ -385,8 +369,8 @@ def solve_deepseek_bias(q: Question) -> Live:
     layer = q.setup["layer"]
     model = load(q.setup["model"])
     req = setup_request(q.setup)
-    with_bias = routed(model, q.setup["text"], **req).routings[layer]
-    without = routed(_bias_free(model), q.setup["text"], **req).routings[layer]
+    with_bias = routed(model, q.setup["text"], req).routings[layer]
+    without = routed(_bias_free(model), q.setup["text"], req).routings[layer]
     sets_b = [frozenset(e for e in row if e >= 0) for row in with_bias.indices.tolist()]
     sets_0 = [frozenset(e for e in row if e >= 0) for row in without.indices.tolist()]
     changed = sum(a != b for a, b in zip(sets_b, sets_0))
@@ -505,11 +489,11 @@ def question_bank() -> list[Question]:
         "{n_maths}). What does expert {expert} specialise in?",
         "choice", "Experts specialise in kinds of tokens (syntax, learned surface patterns), not human subjects.",
         make_setup("moe-n8", MIXED_TEXT), solve_topic_or_kind,
-        "Most of expert {expert}'s tokens are {kind} ({kind_share:.0%} of its {n_mine}). It takes {k_maths} of the "
-        "{n_kind_maths} {kind_one} tokens of the maths paragraph ({rate_kind_maths:.0%}) and {k_bio} of the "
-        "{n_kind_bio} of the biology paragraph ({rate_kind_bio:.0%}). Its tokens: {examples}. Routers of trained "
-        "MoE models group tokens by kind and syntax rather than by subject (Mixtral, Jiang et al. 2024, "
-        "arXiv:2401.04088, \u00a75; ST-MoE, Zoph et al. 2022, arXiv:2202.08906).",
+        "Most of expert {expert}'s tokens are {kind} tokens ({kind_share:.0%} of its {n_mine}). It takes "
+        "{k_maths} of the {n_kind_maths} {kind} tokens of the maths paragraph ({rate_kind_maths:.0%}) and "
+        "{k_bio} of the {n_kind_bio} of the biology paragraph ({rate_kind_bio:.0%}). Its tokens: {examples}. "
+        "Routers of trained MoE models group tokens by kind and syntax rather than by subject (Mixtral, "
+        "Jiang et al. 2024, arXiv:2401.04088, \u00a75; ST-MoE, Zoph et al. 2022, arXiv:2202.08906).",
         options=("A topic: maths (it rarely takes biology tokens)",
                  "A kind of token, in both paragraphs alike (e.g. digits, spaces or punctuation)",
                  "No clear pattern"),
@@ -603,26 +587,6 @@ def parse_choice(q: Question, value) -> int:
 
 def format_number(x: float) -> str:
     return f"{int(round(x)):,}" if abs(x - round(x)) < 1e-9 else f"{x:,.2f}"
-
-
-class _Filler(string.Formatter):
-    """str.format showing [missing: name] for a missing name, and the plain value where a format spec does not fit."""
-
-    def get_value(self, key, args, kwargs):
-        if isinstance(key, str):
-            return kwargs[key] if key in kwargs else f"[missing: {key}]"
-        return super().get_value(key, args, kwargs)
-
-    def format_field(self, value, format_spec):
-        try:
-            return super().format_field(value, format_spec)
-        except (ValueError, TypeError):
-            return str(value)
-
-
-def fill(template: str, numbers: dict) -> str:
-    """Fill a template with live numbers; None shows as 'n/a'."""
-    return _Filler().vformat(template, (), {k: ("n/a" if v is None else v) for k, v in numbers.items()})
 
 
 @dataclass(frozen=True)
@@ -722,7 +686,7 @@ def apply_setup(state, setup: dict) -> None:
     and the routing options after. The dashboard's watchers route the text.
     """
     state.n_experts = setup["n_experts"]
-    state.variant = setup["variant"]
+    state.balancing = setup["balancing"]
     update = {"scheme": setup["scheme"], "text": setup["text"]}
     if setup.get("top_k") is not None:
         update["top_k"] = setup["top_k"]
@@ -734,4 +698,4 @@ def apply_setup(state, setup: dict) -> None:
 
 
 __all__ = ["Question", "Live", "Feedback", "QuizState", "question_bank", "apply_setup", "describe_setup",
-           "make_setup", "parse_number", "parse_choice", "token_kind", "clear_cache", "route_setup", "warm"]
+           "make_setup", "parse_number", "parse_choice", "clear_cache", "route_setup", "warm"]

@@ -1,6 +1,6 @@
 """Share links: the router's whole state in the URL's query string, read back with validation.
 
-A teacher sends `http://server:5006/?model=moe-n8-nobalance&k=2&example=Python%20code&tab=router`
+A teacher sends `http://server:5006/?model=moe-n8-nobalance&top_k=2&example=Python%20code&tab=router`
 and the student's page opens on exactly that view. A lesson link can also hide parts of the page
 (`hide=controls,text`), like TensorFlow Playground's `_hide` flags.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from urllib.parse import urlencode
 
-from moe_core.routing import SCHEMES
+from moe_core.model.routing import SCHEMES
 
 from .state import RouterState, catalog, examples
 
@@ -22,8 +22,9 @@ TABS = ("router", "details", "compare", "lab", "profiles", "params", "scale", "q
 HIDEABLE = ("controls", "text", "tabs", "header")
 MAX_TEXT_IN_URL = 2000        # characters of text a link carries (browsers and proxies cut long URLs)
 MAX_VALUE_CHARS = 40          # longer values (other than text) are not worth reading
-KEYS = ("model", "n", "scheme", "k", "cf", "layer", "text", "example", "token", "tab", "hide", "lesson", "step",
-        "presenter")
+KEYS = ("model", "n", "scheme", "top_k", "capacity_factor", "layer", "text", "example", "token", "tab", "hide",
+        "lesson", "step", "presenter")
+ALIASES = {"k": "top_k", "cf": "capacity_factor"}   # the names links used before: links already shared keep working
 
 
 def _first(values) -> str:
@@ -61,6 +62,10 @@ def parse_query(args: dict) -> tuple[dict, dict, list[str]]:
     mistyped link does not fail silently.
     """
     raw = {str(k): _first(v) for k, v in args.items()}
+    for old, new in ALIASES.items():
+        if old in raw:
+            value = raw.pop(old)
+            raw.setdefault(new, value)
     msgs: list[str] = []
     state: dict = {}
     page: dict = {}
@@ -80,7 +85,7 @@ def parse_query(args: dict) -> tuple[dict, dict, list[str]]:
         if name in models:
             n = models[name]["n_experts"]
             state["n_experts"] = n
-            state["variant"] = models[name]["variant"]
+            state["balancing"] = models[name]["balancing"]
         else:
             msgs.append(f"Link setting model={_shown(name)} is not a model here (choose from "
                         f"{', '.join(models)}); the default model is shown.")
@@ -101,20 +106,21 @@ def parse_query(args: dict) -> tuple[dict, dict, list[str]]:
         else:
             msgs.append(f"Link setting scheme={_shown(sc)} is not a routing scheme (choose from "
                         f"{', '.join(SCHEMES)}).")
-    if "k" in raw:
-        v = _int("k", raw["k"], 1, max(n_eff, 1), msgs)
+    if "top_k" in raw:
+        v = _int("top_k", raw["top_k"], 1, max(n_eff, 1), msgs)
         if v is not None:
             state["top_k"] = v
-    if "cf" in raw:
+    if "capacity_factor" in raw:
         lo, hi = RouterState.param.capacity_factor.bounds
         try:
-            v = float(raw["cf"])
+            v = float(raw["capacity_factor"])
         except ValueError:
             v = None
         if v is None or not math.isfinite(v):
-            msgs.append(f"Link setting cf={_shown(raw['cf'])} is not a number, so it was ignored.")
+            msgs.append(f"Link setting capacity_factor={_shown(raw['capacity_factor'])} is not a number, so it was "
+                        f"ignored.")
         elif not lo <= v <= hi:
-            msgs.append(f"Link setting cf={v:g} is outside {lo:g}\u2013{hi:g}, so it was ignored.")
+            msgs.append(f"Link setting capacity_factor={v:g} is outside {lo:g}\u2013{hi:g}, so it was ignored.")
         else:
             state["capacity_factor"] = round(v, 2)
     if "layer" in raw:
@@ -173,8 +179,8 @@ def apply_to_state(state: RouterState, settings: dict) -> list[str]:
     msgs = []
     if "n_experts" in settings:
         state.n_experts = settings["n_experts"]
-    if "variant" in settings:
-        state.variant = settings["variant"]
+    if "balancing" in settings:
+        state.balancing = settings["balancing"]
     if "scheme" in settings:
         state.scheme = settings["scheme"]
     if "top_k" in settings:
@@ -201,15 +207,15 @@ def state_query(state: RouterState, *, tab: str = "router", hide=(), lesson: str
                 step: int | None = None, presenter: bool = False) -> dict[str, str]:
     """The query arguments that reproduce the current view (inverse of parse_query + apply_to_state)."""
     q: dict[str, str] = {}
-    if state.variant == RouterState.LAB_VARIANT:
+    if state.balancing == RouterState.LAB_BALANCING:
         q["n"] = str(state.n_experts)       # a lab model lives only in its session: share the nearest shipped one
     else:
         q["model"] = state.model_info["name"]
     q["scheme"] = state.scheme
     if state.scheme_info.uses_k:
-        q["k"] = str(state.top_k)
+        q["top_k"] = str(state.top_k)
     if state.scheme_info.uses_capacity:
-        q["cf"] = f"{state.capacity_factor:g}"
+        q["capacity_factor"] = f"{state.capacity_factor:g}"
     q["layer"] = str(state.layer)
     ex = {v: k for k, v in examples().items()}
     if state.text in ex:

@@ -15,10 +15,11 @@ from functools import lru_cache
 import param
 import torch
 
-from moe_core.checkpoint import ASSETS, list_checkpoints, load
+from moe_core.analysis.profiles import cached_profiles
 from moe_core.inference import MAX_TOKENS, RouteResult, route_text
-from moe_core.profiles import cached_profiles
-from moe_core.routing import SCHEMES
+from moe_core.model.checkpoint import ASSETS, list_checkpoints, load
+from moe_core.model.request import RoutingRequest
+from moe_core.model.routing import SCHEMES
 
 RECIPE_LABELS = {
     "load_balance": "balanced (aux loss)",
@@ -47,7 +48,7 @@ def catalog() -> list[dict]:
         label = RECIPE_LABELS.get(r.get("balancing"), r.get("balancing", "?"))
         if c["scheme"] == "switch":
             label = "Switch top-1"
-        out.append({"name": d["name"], "n_experts": c["n_experts"], "variant": label, "scheme": c["scheme"],
+        out.append({"name": d["name"], "n_experts": c["n_experts"], "balancing": label, "scheme": c["scheme"],
                     "top_k": c["top_k"], "capacity_factor": c.get("capacity_factor"), "card": d["card"],
                     "recipe": r})
     return out
@@ -65,18 +66,18 @@ def corpus_profile(model) -> dict | None:
     return cached_profiles(model)
 
 
-def routed(model, text: str, request: dict) -> RouteResult:
+def routed(model, text: str, request: RoutingRequest) -> RouteResult:
     """`route_text` for the app, remembered per process for short texts.
 
     A class opening the page, or following a lesson step, routes the same text with the same model
     and settings: it costs one routing, and every session reads the same result (never changed after
     it is made). The entry holds the model, so its id cannot be reused by another model meanwhile."""
-    key = (id(model.model), text, tuple(sorted(request.items())))
+    key = (id(model.model), text, request)
     hit = _routes.get(key)
     if hit is not None:
         _routes.move_to_end(key)
         return hit[1]
-    res = route_text(model, text, max_tokens=MAX_TOKENS, truncate=True, **request)
+    res = route_text(model, text, request, max_tokens=MAX_TOKENS, truncate=True)
     if len(text) <= ROUTE_CACHE_CHARS:
         _routes[key] = (model.model, res)
         if len(_routes) > ROUTE_CACHE_SIZE:
@@ -112,10 +113,13 @@ class RouterState(param.Parameterized):
 
     text = param.String(default="", doc="The text to route (the user's exact text, never rendered as HTML).")
     n_experts = param.Selector(default=8, objects=[8], doc="N: routed experts per layer (one shipped model per N).")
-    variant = param.Selector(default="balanced (aux loss)", objects=["balanced (aux loss)"],
-                             doc="How the loaded model was trained: balanced, no balancing, DeepSeek bias, Switch, untrained.")
+    balancing = param.Selector(default="balanced (aux loss)", objects=["balanced (aux loss)"],
+                               doc="How the loaded model was trained: with a balancing loss, with none (watch it "
+                                   "collapse), with DeepSeek's bias, as a Switch model, or not at all.")
     top_k = param.Integer(default=2, bounds=(1, 8), doc="k: experts per token, for top-k schemes.")
-    scheme = param.Selector(default="softmax_topk", objects=list(SCHEMES), doc="Routing scheme used at inference time.")
+    scheme = param.Selector(default="softmax_topk", objects=list(SCHEMES),
+                            doc="How the router picks each token's experts, at inference time, with the same weights "
+                                "(Router details explains each scheme).")
     capacity_factor = param.Number(default=1.0, bounds=(0.25, 4.0), step=0.05,
                                    doc="Slots per expert = ceil(factor x tokens / N), for capacity schemes.")
     layer = param.Selector(default=0, objects=[0, 1, 2, 3], doc="Which MoE layer the screen shows.")
@@ -127,7 +131,7 @@ class RouterState(param.Parameterized):
     route_ms = param.Number(default=0.0, doc="Server-side time of the last routing, in ms.")
     lab_model = param.Parameter(default=None, doc="A model this session trained in the lab (LoadedModel) or None.")
 
-    LAB_VARIANT = "trained in the lab"
+    LAB_BALANCING = "trained in the lab"
 
     def __init__(self, **params):
         models = catalog()
@@ -140,7 +144,7 @@ class RouterState(param.Parameterized):
         params.setdefault("n_experts", default_n)
         params.setdefault("text", next(iter(examples().values())))
         super().__init__(**params)
-        self._sync_variants()
+        self._sync_balancing()
         self._apply_model_defaults()
 
     # -- derived -----------------------------------------------------------------
@@ -151,20 +155,20 @@ class RouterState(param.Parameterized):
         lm = self.lab_model
         if lm is not None:
             c = lm.config
-            out.append({"name": lm.name, "n_experts": c.n_experts, "variant": self.LAB_VARIANT, "scheme": c.scheme,
+            out.append({"name": lm.name, "n_experts": c.n_experts, "balancing": self.LAB_BALANCING, "scheme": c.scheme,
                         "top_k": c.top_k, "capacity_factor": c.capacity_factor, "card": lm.card, "recipe": lm.recipe})
         return out
 
     @property
     def model_info(self) -> dict:
         for m in self.models():
-            if m["n_experts"] == self.n_experts and m["variant"] == self.variant:
+            if m["n_experts"] == self.n_experts and m["balancing"] == self.balancing:
                 return m
-        raise ValueError(f"no model with N = {self.n_experts} and variant {self.variant!r}")
+        raise ValueError(f"no model with N = {self.n_experts} and balancing {self.balancing!r}")
 
     @property
     def model(self):
-        if self.variant == self.LAB_VARIANT and self.lab_model is not None:
+        if self.balancing == self.LAB_BALANCING and self.lab_model is not None:
             return self.lab_model
         return load(self.model_info["name"])
 
@@ -175,8 +179,8 @@ class RouterState(param.Parameterized):
         self.param.n_experts.objects = ns
         with param.parameterized.batch_call_watchers(self):
             self.n_experts = loaded.config.n_experts
-            self._sync_variants()
-            self.variant = self.LAB_VARIANT
+            self._sync_balancing()
+            self.balancing = self.LAB_BALANCING
         self._apply_model_defaults()
 
     @property
@@ -186,14 +190,14 @@ class RouterState(param.Parameterized):
     def badge(self) -> dict:
         """An honest description of the loaded model and how it is being used."""
         m = self.model_info
-        trained = m["variant"] != "untrained"
-        lines = [f"{m['name']}: N = {m['n_experts']}, {m['variant']}"]
-        if m["variant"] == self.LAB_VARIANT:
+        trained = m["balancing"] != "untrained"
+        lines = [f"{m['name']}: N = {m['n_experts']}, {m['balancing']}"]
+        if m["balancing"] == self.LAB_BALANCING:
             lines.append(f"Trained in this session's lab ({m['card'].get('steps', '?')} steps, smaller model).")
         level = "ok" if trained else "warn"
         if not trained:
             lines.append("Untrained: random router weights, so routing is by chance.")
-        elif m["variant"] == "no balancing":
+        elif m["balancing"] == "no balancing":
             lines.append("Trained with no balancing at all: expect overloaded experts.")
         differs = []
         if self.scheme != m["scheme"]:
@@ -208,12 +212,12 @@ class RouterState(param.Parameterized):
     # -- reactions ---------------------------------------------------------------
 
     @param.depends("n_experts", watch=True)
-    def _sync_variants(self):
-        variants = [m["variant"] for m in self.models() if m["n_experts"] == self.n_experts]
-        self.param.variant.objects = variants
-        if self.variant not in variants:
-            preferred = [v for v in variants if v.startswith("balanced")]
-            self.variant = preferred[0] if preferred else variants[0]
+    def _sync_balancing(self):
+        balancings = [m["balancing"] for m in self.models() if m["n_experts"] == self.n_experts]
+        self.param.balancing.objects = balancings
+        if self.balancing not in balancings:
+            preferred = [v for v in balancings if v.startswith("balanced")]
+            self.balancing = preferred[0] if preferred else balancings[0]
         self._sync_layers()
         self.param.top_k.bounds = (1, self.n_experts)
         if self.top_k > self.n_experts:
@@ -225,7 +229,7 @@ class RouterState(param.Parameterized):
         if self.layer not in self.param.layer.objects:
             self.layer = 0
 
-    @param.depends("variant", watch=True)
+    @param.depends("balancing", watch=True)
     def _apply_model_defaults(self):
         """A newly loaded model starts with the routing it was trained with."""
         m = self.model_info
@@ -239,15 +243,11 @@ class RouterState(param.Parameterized):
 
     # -- routing -----------------------------------------------------------------
 
-    def request(self) -> dict:
-        """The routing options that apply to the current scheme."""
+    def request(self) -> RoutingRequest:
+        """How the current choices route (k and capacity factor only where the scheme has them)."""
         s = self.scheme_info
-        req = {"scheme": self.scheme}
-        if s.uses_k:
-            req["top_k"] = self.top_k
-        if s.uses_capacity:
-            req["capacity_factor"] = float(self.capacity_factor)
-        return req
+        return RoutingRequest.make(self.model.config, self.scheme, self.top_k if s.uses_k else None,
+                                   float(self.capacity_factor) if s.uses_capacity else None)
 
     def route(self) -> RouteResult | None:
         """Route the current text; on bad input keep the last good result and set `error`."""

@@ -17,13 +17,13 @@ from importlib import import_module
 
 # public name -> the submodule that defines it
 _EXPORTS = {
-    "MoELayer": "layer", "DenseFFN": "layer", "pick_device": "layer",
-    "Routing": "routing", "route": "routing", "SCHEMES": "routing", "z_loss": "routing",
-    "load_balance_loss": "routing", "update_bias": "routing", "expert_capacity": "routing",
-    "softmax_topk": "routing", "noisy_topk": "routing", "switch": "routing", "gshard": "routing",
-    "expert_choice": "routing", "base": "routing", "deepseek": "routing",
-    "MoEConfig": "model", "MoEGPT": "model",
-    "count_params": "params", "ParamReport": "params",
+    "MoELayer": "model.layer", "DenseFFN": "model.layer", "pick_device": "model.layer",
+    "Routing": "model.routing", "route": "model.routing", "SCHEMES": "model.routing", "z_loss": "model.routing",
+    "load_balance_loss": "model.routing", "update_bias": "model.routing", "expert_capacity": "model.routing",
+    "softmax_topk": "model.routing", "noisy_topk": "model.routing", "switch": "model.routing", "gshard": "model.routing",
+    "expert_choice": "model.routing", "base": "model.routing", "deepseek": "model.routing",
+    "MoEConfig": "model.gpt", "MoEGPT": "model.gpt",
+    "count_params": "model.params", "ParamReport": "model.params", "RoutingRequest": "model.request",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+# The commands import the package's modules inside their functions, on purpose: they all import torch
+# (about 1 s), which argument parsing, --help and a usage error never need.
 
 
 class UsageError(Exception):
@@ -59,7 +64,7 @@ def _human(n: float) -> str:
 
 
 def cmd_params(args) -> int:
-    from . import published
+    from .model import published
 
     if args.list:
         rows = [published.compute(name).as_dict() for name in published.published_models()]
@@ -69,7 +74,7 @@ def cmd_params(args) -> int:
         else:
             print(f"{'model':22} {'total':>10} {'active':>10}  source")
             for r in rows:
-                print(f"{r['model']:22} {_human(r['total']):>10} {_human(r['active']):>10}  {r['source']}")
+                print(f"{r['model']:22} {_human(r['total']):>10} {_human(r['active_per_token']):>10}  {r['source']}")
             print("shipped checkpoints (counted from the loaded module): " + ", ".join(shipped))
         return 0
     if not args.model:
@@ -80,29 +85,30 @@ def cmd_params(args) -> int:
         d = published.compute(args.model).as_dict()
         d["memory_bytes"] = {dt: published.memory_bytes(d["total"], dt) for dt in ("fp32", "bf16", "fp8")}
     else:
-        from .checkpoint import load
-        from .params import count_params, memory_bytes
+        from .model.checkpoint import load
+        from .model.params import count_params, memory_bytes
 
         m = load(args.model)
         r = count_params(m.model, top_k=args.top_k)
-        d = {"model": args.model, "total": r.total, "active": r.active_per_token,
-             "published_total": None, "published_active": None,
+        d = {"model": args.model, "total": r.total, "active_per_token": r.active_per_token,
+             "published_total": None, "published_active_per_token": None,
              "source": "counted from the loaded PyTorch module", **r.as_dict(),
              "memory_bytes": {dt: memory_bytes(r.total, dt) for dt in ("fp32", "bf16", "fp8")}}
     if args.json:
         print(json.dumps(d, indent=2))
     else:
+        active = d["active_per_token"]
         print(f"{d['model']}: total {_human(d['total'])} ({d['total']:,}), active per token "
-              f"{_human(d['active'])} ({d['active']:,}), {d['active'] / d['total']:.1%} active")
+              f"{_human(active)} ({active:,}), {active / d['total']:.1%} active")
         if d.get("published_total"):
-            act = _human(d["published_active"]) if d["published_active"] else "not published"
+            act = _human(d["published_active_per_token"]) if d["published_active_per_token"] else "not published"
             print(f"published: total {_human(d['published_total'])}, active {act} ({d['source']})")
         print("memory for the weights: " + ", ".join(f"{dt} {v / 2**30:.1f} GiB" for dt, v in d["memory_bytes"].items()))
     return 0
 
 
 def _shipped_names() -> list[str]:
-    from .checkpoint import list_checkpoints
+    from .model.checkpoint import list_checkpoints
 
     return [d["name"] for d in list_checkpoints()]
 
@@ -111,7 +117,7 @@ def _shipped_names() -> list[str]:
 
 
 def cmd_models(args) -> int:
-    from .checkpoint import list_checkpoints
+    from .model.checkpoint import list_checkpoints
 
     rows = list_checkpoints()
     if args.json:
@@ -142,21 +148,24 @@ def _resolve_model_name(args) -> str:
 
 
 def cmd_route(args) -> int:
-    from .checkpoint import load
     from .inference import MAX_TOKENS, route_text
-    from .layer import pick_device
+    from .model.checkpoint import load
+    from .model.layer import pick_device
+    from .model.request import RoutingRequest
 
     text = sys.stdin.read() if args.text == "-" else args.text
-    if args.expert_parallel:  # experts spread over P torchrun processes (moe_core/parallel.py)
-        from .parallel import cmd_route as route_expert_parallel
+    if args.expert_parallel:  # experts spread over P torchrun processes (moe_core/parallel/expert_parallel.py)
+        from .parallel.expert_parallel import cmd_route as route_expert_parallel
 
         return route_expert_parallel(args, text, _resolve_model_name(args), _route_table)
     device = pick_device(args.device)
     model = load(_resolve_model_name(args), device=device)
-    res = route_text(model, text, scheme=args.scheme, top_k=args.top_k,
-                     capacity_factor=args.capacity_factor, max_tokens=MAX_TOKENS)
+    request = RoutingRequest.make(model.config, args.scheme, args.top_k, args.capacity_factor)
+    res = route_text(model, text, request, max_tokens=MAX_TOKENS)
     if args.json:
-        from .export import trace_json  # one code path with the dashboard's JSON download
+        from .analysis.export import (
+            trace_json,  # one code path with the dashboard's JSON download
+        )
 
         out = trace_json(res, model)
     else:
@@ -199,10 +208,9 @@ def _route_table(res, model) -> str:
 
 
 def cmd_train(args) -> int:
-    from pathlib import Path
 
-    from .checkpoint import CHECKPOINT_DIR
-    from .train import make_configs, train_and_save
+    from .model.checkpoint import CHECKPOINT_DIR
+    from .train.loop import make_configs, train_and_save
 
     overrides = {}
     if args.steps is not None:
@@ -214,8 +222,8 @@ def cmd_train(args) -> int:
         overrides["threads"] = args.threads
     model_cfg, train_cfg, preset = make_configs(args.preset, **overrides)
     out = Path(args.out) if args.out else CHECKPOINT_DIR
-    if args.expert_parallel:  # experts spread over P torchrun processes (moe_core/parallel.py)
-        from .parallel import cmd_train as train_expert_parallel
+    if args.expert_parallel:  # experts spread over P torchrun processes (moe_core/parallel/expert_parallel.py)
+        from .parallel.expert_parallel import cmd_train as train_expert_parallel
 
         return train_expert_parallel(args, model_cfg, train_cfg, preset, out)
     path = train_and_save(preset, model_cfg, train_cfg, out, progress=not args.quiet)
@@ -224,21 +232,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_corpus(args) -> int:
-    from . import corpus
+    from .data import corpus
 
     return corpus.run(args)
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    from .perf.bench import run_bench
 
     return run_bench(args)
 
 
 def cmd_serve(args) -> int:
-    import os
-    import subprocess
-    from pathlib import Path
 
     app = Path(__file__).resolve().parent.parent / "app" / "main.py"
     # app.allocator launches Panel with jemalloc when the machine has it, so memory comes back after a class
@@ -307,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("corpus", help="rebuild the training corpus and the tokenizer from their sources")
     try:
-        from . import corpus
+        from .data import corpus
 
         corpus.add_arguments(q)
     except ImportError:  # pragma: no cover - corpus builder is part of the package

@@ -12,39 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from .checkpoint import LoadedModel
-from .metrics import balance_metrics
-from .params import ParamReport, count_params
-from .routing import Routing, get_scheme
+from .analysis.metrics import balance_metrics
+from .data.tokenizer import get_tokenizer
+from .model.checkpoint import LoadedModel
+from .model.params import ParamReport, count_params
+from .model.request import RoutingRequest, resolve
+from .model.routing import Routing
 
 MAX_TOKENS = 4096  # longest text routed in one request (16 windows of 256 tokens)
-
-
-def route_overrides(config, scheme: str | None = None, top_k: int | None = None,
-                    capacity_factor: float | None = None) -> tuple[str, dict]:
-    """Validate a routing request against a model config; return (scheme, forward kwargs)."""
-    scheme = scheme or config.scheme
-    s = get_scheme(scheme)
-    kwargs: dict = {"scheme": scheme}
-    if s.uses_k:
-        k = config.top_k if top_k is None else top_k
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= config.n_experts:
-            raise ValueError(f"top-k must be between 1 and N = {config.n_experts} (the model's experts), got {k!r}")
-        kwargs["top_k"] = k
-    elif top_k is not None and top_k != s.fixed_k:
-        what = f"always uses {s.fixed_k} expert(s) per token" if s.fixed_k else "has no top-k (experts choose tokens)"
-        raise ValueError(f"{s.label} {what}; top-k = {top_k} does not apply")
-    if s.uses_capacity:
-        cf = capacity_factor
-        if cf is None:
-            cf = config.capacity_factor if scheme == config.scheme and config.capacity_factor else s.default_capacity_factor
-        if isinstance(cf, bool) or not isinstance(cf, (int, float)) or not 0 < cf <= 64:
-            raise ValueError(f"capacity factor must be a number in (0, 64], got {cf!r}")
-        kwargs["capacity_factor"] = float(cf)
-    elif capacity_factor is not None:
-        raise ValueError(f"{s.label} has no capacity; the capacity factor does not apply")
-    return scheme, kwargs
 
 
 @dataclass
@@ -52,12 +29,23 @@ class RouteResult:
     tokens: list                # tokenizer Tokens (id, text, start, end), spans into `text`
     routings: list[Routing]     # one per layer, detached, on CPU
     loss: float | None          # mean next-token cross-entropy (nats); None for a 1-token text
-    scheme: str
-    top_k: int | None           # experts per token for top-k schemes
-    capacity_factor: float | None
+    request: RoutingRequest     # how it was routed
     truncated: bool             # text was longer than MAX_TOKENS and was cut
     n_tokens_in_text: int       # tokens before truncation
     params: ParamReport
+
+    @property
+    def scheme(self) -> str:
+        return self.request.scheme
+
+    @property
+    def top_k(self) -> int | None:
+        """Experts per token for top-k schemes."""
+        return self.request.top_k
+
+    @property
+    def capacity_factor(self) -> float | None:
+        return self.request.capacity_factor
 
     def layer_dict(self, i: int) -> dict:
         r = self.routings[i]
@@ -109,46 +97,83 @@ def windows(ids: list[int], block_size: int, device) -> tuple[torch.Tensor, torc
     return x.view(shape).to(device), y.view(shape).to(device), mask.view(shape).to(device)
 
 
-@torch.no_grad()
-def route_ids(model, ids: list[int], **overrides) -> tuple[list[Routing], float | None]:
-    """Run token ids through the model; return per-layer routing and the mean next-token loss."""
-    device = next(model.parameters()).device
-    x, y, mask = windows(ids, model.config.block_size, device)
-    out = model(x, y if len(ids) > 1 else None, mask=mask, return_logits=False, **overrides)
-    routings = [r.detach().apply(lambda t: t.cpu()) for r in out.routings]
-    loss = out.ce_loss.item() if out.ce_loss is not None else None
-    return routings, loss
+def tokenize(text: str, *, max_tokens: int = MAX_TOKENS, truncate: bool = False, tokenizer=None) -> tuple[list, int]:
+    """The text's tokens (each with its character span) and how many it had before any cut.
 
-
-def route_text(model: LoadedModel, text: str, *, scheme: str | None = None, top_k: int | None = None,
-               capacity_factor: float | None = None, max_tokens: int = MAX_TOKENS,
-               truncate: bool = False, tokenizer=None, disabled_experts: dict | None = None) -> RouteResult:
-    """Tokenise `text` and route it through every layer of `model`.
-
-    Over `max_tokens` tokens: ValueError, or with `truncate=True` the first
-    `max_tokens` tokens are routed and `truncated` is set.
-    `disabled_experts={layer: [experts]}` switches those experts off (an
-    ablation; the router can never select them, see MoELayer.route).
-    """
-    from .tokenizer import get_tokenizer
-
+    Over `max_tokens` tokens: ValueError, or with `truncate=True` the first `max_tokens` are kept."""
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {type(text).__name__}")
     if not text:
         raise ValueError("the text is empty: type or paste something to route")
-    scheme, overrides = route_overrides(model.config, scheme, top_k, capacity_factor)
-    tok = tokenizer or get_tokenizer()
-    tokens = tok.tokenize(text)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a whole number >= 1, got {max_tokens!r}")
+    tokens = (tokenizer or get_tokenizer()).tokenize(text)
     n_total = len(tokens)
-    truncated = n_total > max_tokens
-    if truncated:
+    if n_total > max_tokens:
         if not truncate:
             raise ValueError(f"the text has {n_total} tokens; the limit is {max_tokens} tokens per request")
         tokens = tokens[:max_tokens]
-    if disabled_experts:
-        overrides["disabled_experts"] = disabled_experts
-    routings, loss = route_ids(model.model, [t.id for t in tokens], **overrides)
-    params = count_params(model.model, top_k=overrides.get("top_k"), scheme=scheme,
-                          capacity_factor=overrides.get("capacity_factor"))
-    return RouteResult(tokens, routings, loss, scheme, overrides.get("top_k"), overrides.get("capacity_factor"),
-                       truncated, n_total, params)
+    return tokens, n_total
+
+
+@torch.no_grad()
+def forward_windows(net, x: torch.Tensor, y: torch.Tensor | None, mask: torch.Tensor | None,
+                    request: RoutingRequest | None = None, *, per_token_loss: bool = False):
+    """Run windows through the model: (per-layer routings on CPU, mean next-token loss or None, and with
+    `per_token_loss` each routed token's loss in routing order, NaN where it has no next token)."""
+    out = net(x, y, mask=mask, return_logits=per_token_loss, request=request)
+    routings = [r.detach().apply(lambda t: t.cpu()) for r in out.routings]
+    loss = out.ce_loss.item() if out.ce_loss is not None else None
+    if not per_token_loss:
+        return routings, loss
+    logits = out.logits
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1).clamp(min=0), reduction="none")
+    ce = torch.where(y.reshape(-1) >= 0, ce, torch.full_like(ce, float("nan")))
+    if mask is not None:
+        ce = ce[mask.reshape(-1)]
+    return routings, loss, ce.cpu()
+
+
+def route_ids(net, ids: list[int], request: RoutingRequest | None = None, *, per_token_loss: bool = False):
+    """Token ids through the model as one routing group: (per-layer routings, mean next-token loss)."""
+    x, y, mask = windows(ids, net.config.block_size, next(net.parameters()).device)
+    return forward_windows(net, x, y if len(ids) > 1 else None, mask, request, per_token_loss=per_token_loss)
+
+
+def route_text(model: LoadedModel, text: str, request: RoutingRequest | None = None, *, scheme: str | None = None,
+               top_k: int | None = None, capacity_factor: float | None = None, disabled_experts: dict | None = None,
+               max_tokens: int = MAX_TOKENS, truncate: bool = False, tokenizer=None) -> RouteResult:
+    """Tokenise `text` and route it through every layer of `model`: the pipeline every view, the CLI,
+    the quiz, the comparisons and the walkthrough use.
+
+    `request` says how to route (RoutingRequest.make(model.config, ...)); without one, the keyword
+    choices make it (`disabled_experts={layer: [experts]}` switches experts off, an ablation; the
+    router can never select them, see MoELayer.route). Over `max_tokens` tokens: ValueError, or with
+    `truncate=True` the first `max_tokens` tokens are routed and `truncated` is set.
+    """
+    request = resolve(model.config, request, scheme=scheme, top_k=top_k, capacity_factor=capacity_factor,
+                      disabled_experts=disabled_experts)
+    tokens, n_total = tokenize(text, max_tokens=max_tokens, truncate=truncate, tokenizer=tokenizer)
+    routings, loss = route_ids(model.model, [t.id for t in tokens], request)
+    return RouteResult(tokens, routings, loss, request, n_total > len(tokens), n_total, params_of(model, request))
+
+
+def params_of(model: LoadedModel, request: RoutingRequest) -> ParamReport:
+    return count_params(model.model, top_k=request.top_k, scheme=request.scheme,
+                        capacity_factor=request.capacity_factor)
+
+
+@torch.no_grad()
+def evaluate(model, data, batches: int, batch_size: int = 16) -> float:
+    """Mean next-token cross-entropy (nats) on fixed held-out windows."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x, y = data.eval_windows(model.config.block_size, batches * batch_size)
+    total, count = 0.0, 0
+    for xs, ys in zip(x.split(batch_size), y.split(batch_size)):
+        out = model(xs.to(device), ys.to(device), return_logits=False)
+        total += out.ce_loss.item() * ys.numel()
+        count += ys.numel()
+    model.train(was_training)
+    return total / max(count, 1)

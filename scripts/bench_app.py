@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def text_of_tokens(n: int) -> str:
     from app.state import examples
-    from moe_core.tokenizer import get_tokenizer
+    from moe_core.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer()
     base = "\n".join(examples().values())

@@ -19,8 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from moe_core.lab import PRESETS, Recipe, verdict  # noqa: E402
-from moe_core.train import Trainer, load_token_data  # noqa: E402
+from moe_core.train.lab import RECIPES, Recipe, verdict  # noqa: E402
+from moe_core.data.tokens import load_token_data  # noqa: E402
+from moe_core.train.loop import Trainer  # noqa: E402
 
 
 def measure(name: str, recipe: Recipe, seconds: float) -> dict:
@@ -44,7 +45,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    recipes = {k: Recipe(**{**v.__dict__, "steps": 2000}) for k, v in PRESETS.items()}
+    recipes = {k: Recipe(**{**v.__dict__, "steps": 2000}) for k, v in RECIPES.items()}
     recipes["Load-balancing loss (softmax top-k)"] = Recipe(balancing="load_balance", steps=2000)
     rows = [measure(name, r, args.seconds) for name, r in recipes.items()]
     if args.json:

@@ -1,4 +1,4 @@
-"""What keeping a thread's freed pages (moe_core/pages.py) changes, under the server's allocator.
+"""What keeping a thread's freed pages (moe_core/perf/pages.py) changes, under the server's allocator.
 
     python -m app.allocator .venv/bin/python scripts/pages_kept.py [--rounds 2] [--out FILE.json]
 
@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import moe_core.lab as lab  # noqa: E402
-import moe_core.scale as scale  # noqa: E402
-from moe_core.bench import machine  # noqa: E402
-from moe_core.pages import mallctl, pages_kept  # noqa: E402
+import moe_core.train.lab as lab  # noqa: E402
+import moe_core.perf.scale as scale  # noqa: E402
+from moe_core.perf.bench import machine  # noqa: E402
+from moe_core.perf.pages import mallctl, pages_kept  # noqa: E402
 
 
 def lab_job() -> dict:

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from app.views.palette import contrast, expert_colors, text_color, tint
-from moe_core.checkpoint import ASSETS
+from moe_core.model.checkpoint import ASSETS
 
 CSS_FILES = [ASSETS / "page.css", ASSETS / "app.css", ASSETS / "quiz.css"]
 PAGE_BACKGROUNDS = ["#FFFFFF", "#F4F6F9"]          # the page and the .stat / .strip tiles

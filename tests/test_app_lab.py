@@ -6,8 +6,8 @@ import zipfile
 
 from app.lab import TrainingLab
 from app.state import RouterState
-from moe_core.checkpoint import load_file
-from moe_core.lab import Recipe, manager
+from moe_core.model.checkpoint import load_file
+from moe_core.train.lab import Recipe, manager
 
 
 def test_lab_job_to_plots_to_download_to_router(tmp_path):
@@ -37,12 +37,12 @@ def test_lab_job_to_plots_to_download_to_router(tmp_path):
     assert loaded.config.n_layer == 2 and loaded.card["steps"] == 20
 
     lab.use_model()
-    assert state.variant == state.LAB_VARIANT and state.model.name == "lab-model"
+    assert state.balancing == state.LAB_BALANCING and state.model.name == "lab-model"
     res = state.route()
     assert res is not None and len(res.routings) == 2
     assert state.param.layer.objects == [0, 1]
     assert messages and messages[-1][0] == "success"
-    state.variant = "balanced (aux loss)"          # back to a shipped model
+    state.balancing = "balanced (aux loss)"          # back to a shipped model
     assert len(state.route().routings) == 4
 
 

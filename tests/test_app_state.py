@@ -53,13 +53,13 @@ def test_changing_k_and_n_changes_the_routing_and_the_counters(state):
 
 def test_model_change_resets_to_its_trained_routing_and_badge_is_honest():
     s = RouterState(text="hello world")
-    s.variant = "Switch top-1"
+    s.balancing = "Switch top-1"
     assert s.scheme == "switch" and s.capacity_factor == pytest.approx(1.25)
     assert s.badge()["level"] == "ok"
     s.scheme = "softmax_topk"
     b = s.badge()
     assert b["level"] == "warn" and "Differs from training" in " ".join(b["lines"])
-    s.variant = "untrained"
+    s.balancing = "untrained"
     assert "random" in " ".join(s.badge()["lines"]).lower()
 
 

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from moe_core import checkpoint
-from moe_core.analysis import specialisation
-from moe_core.checkpoint import CHECKPOINT_DIR, list_checkpoints, load, load_file
-from moe_core.corpus import manifest
-from moe_core.metrics import balance_metrics
-from moe_core.model import MoEConfig
-from moe_core.train import PRESETS, TrainConfig, evaluate, load_token_data, train
+from moe_core.model import checkpoint
+from moe_core.analysis.specialisation import specialisation
+from moe_core.model.checkpoint import CHECKPOINT_DIR, list_checkpoints, load, load_file
+from moe_core.data.corpus import manifest
+from moe_core.analysis.metrics import balance_metrics
+from moe_core.model.gpt import MoEConfig
+from moe_core.data.tokens import load_token_data
+from moe_core.inference import evaluate
+from moe_core.train.loop import PRESETS, TrainConfig, train
 
 SHIPPED = ["moe-n4", "moe-n8", "moe-n16", "moe-n32", "moe-n8-nobalance", "moe-n8-bias", "moe-n8-switch",
            "moe-n8-untrained"]
@@ -47,7 +49,7 @@ def test_every_preset_is_shipped_with_a_complete_card():
 
 
 def test_same_expert_width_so_active_stays_while_total_grows():
-    from moe_core.params import count_params
+    from moe_core.model.params import count_params
 
     reports = [count_params(load(n).model, top_k=2) for n in ("moe-n4", "moe-n8", "moe-n16", "moe-n32")]
     totals = [r.total for r in reports]
@@ -145,7 +147,7 @@ def test_training_a_few_steps_reduces_loss_with_every_balancing_method(data, mod
 
 
 def test_train_can_be_stopped_and_every_preset_builds():
-    from moe_core.train import make_configs
+    from moe_core.train.loop import make_configs
 
     for name in PRESETS:
         m, t, p = make_configs(name)

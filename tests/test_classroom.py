@@ -8,9 +8,9 @@ from app.dashboard import Dashboard
 from app.lessons import HIGHLIGHTS, LessonState, fill, lesson_numbers, lessons, markdown_safe, parse_lesson
 from app.share import TABS, apply_to_state, parse_query, share_url, state_query
 from app.state import RouterState, examples
-from moe_core.checkpoint import load
-from moe_core.compare import compare_results
-from moe_core.explain import router_walkthrough
+from moe_core.model.checkpoint import load
+from moe_core.analysis.compare import compare_results
+from moe_core.analysis.explain import router_walkthrough
 from moe_core.inference import route_text
 
 CODE = "def f(x):\n    return 42 + x  # the answer"
@@ -29,7 +29,7 @@ def test_a_link_round_trips_the_whole_state():
     assert msgs == []
     t = RouterState()
     apply_to_state(t, settings)
-    for name in ("n_experts", "variant", "scheme", "capacity_factor", "layer", "text", "selected_token"):
+    for name in ("n_experts", "balancing", "scheme", "capacity_factor", "layer", "text", "selected_token"):
         assert getattr(t, name) == getattr(s, name), name
     assert page == {"tab": "compare", "hide": ["controls"]}
     assert t.model_info["name"] == "moe-n8-nobalance"
@@ -39,20 +39,20 @@ def test_an_example_text_travels_by_name_and_k_survives_the_model_defaults():
     s = RouterState(text=examples()["Python code"])
     s.top_k = 4
     q = state_query(s)
-    assert q["example"] == "Python code" and "text" not in q and q["k"] == "4"
+    assert q["example"] == "Python code" and "text" not in q and q["top_k"] == "4"
     t = RouterState()
     apply_to_state(t, parse_query(q)[0])
     assert t.text == examples()["Python code"] and t.top_k == 4
 
 
 @pytest.mark.parametrize("args, fragment", [
-    ({"k": "abc"}, "k='abc' is not a whole number"),
-    ({"k": "99"}, "k='99' is outside 1\u20138"),
+    ({"top_k": "abc"}, "top_k='abc' is not a whole number"),
+    ({"top_k": "99"}, "top_k='99' is outside 1\u20138"),
     ({"n": "5"}, "no model with 5 experts"),
     ({"model": "gpt-5"}, "not a model here"),
     ({"scheme": "<svg onload=alert(1)>"}, "not a routing scheme"),
-    ({"cf": "NaN"}, "not a number"),
-    ({"cf": "9"}, "outside 0.25\u20134"),
+    ({"capacity_factor": "NaN"}, "not a number"),
+    ({"capacity_factor": "9"}, "outside 0.25\u20134"),
     ({"layer": "-1"}, "outside 0\u201363"),
     ({"tab": "admin"}, "not a tab"),
     ({"hide": "everything"}, "cannot be hidden"),
@@ -69,6 +69,14 @@ def test_bad_link_values_are_ignored_with_a_message_and_the_rest_applies(args, f
     assert s.route() is not None and s.error == ""
 
 
+def test_links_shared_before_the_renaming_still_open_the_same_view():
+    """`k` and `cf` were the URL's names for top_k and capacity_factor: old links keep working."""
+    old = parse_query({"model": [b"moe-n8-switch"], "k": [b"3"], "cf": [b"1.5"], "scheme": [b"switch"]})
+    new = parse_query({"model": [b"moe-n8-switch"], "top_k": [b"3"], "capacity_factor": [b"1.5"], "scheme": [b"switch"]})
+    assert old == new and old[0]["top_k"] == 3 and old[0]["capacity_factor"] == 1.5 and old[2] == []
+    assert parse_query({"k": [b"abc"]})[2] == ["Link setting top_k='abc' is not a whole number, so it was ignored."]
+
+
 def test_long_values_are_cut_in_messages_and_text_is_capped():
     settings, _, msgs = parse_query({"k": ["9" * 500], "text": ["a" * 10_000]})
     assert all(len(m) < 300 for m in msgs)
@@ -82,8 +90,8 @@ def test_a_layer_the_model_lacks_is_reported_when_applied():
 
 
 def test_share_url_percent_encodes_everything():
-    url = share_url("http://host:5006/main?old=1", {"text": "a&b=c <x> \u00e9", "k": "2"})
-    assert url.startswith("http://host:5006/main?text=") and "&k=2" in url and "<" not in url and " " not in url
+    url = share_url("http://host:5006/main?old=1", {"text": "a&b=c <x> \u00e9", "top_k": "2"})
+    assert url.startswith("http://host:5006/main?text=") and "&top_k=2" in url and "<" not in url and " " not in url
 
 
 def test_dashboard_link_button_builds_a_url_that_reopens_the_view():
@@ -96,7 +104,7 @@ def test_dashboard_link_button_builds_a_url_that_reopens_the_view():
     assert d.share_row.visible
     from urllib.parse import parse_qs, urlparse
     q = parse_qs(urlparse(d.share_url.value).query)
-    assert q["k"] == ["3"] and q["tab"] == ["params"] and q["hide"] == ["controls"]
+    assert q["top_k"] == ["3"] and q["tab"] == ["params"] and q["hide"] == ["controls"]
     assert set(TABS) >= set(d.tab_names)
 
 

@@ -26,9 +26,9 @@ def test_params_json_for_a_published_model():
     code, out, err = run("params", "--model", "mixtral-8x7b", "--json")
     assert code == 0, err
     d = json.loads(out)
-    for key in ("model", "total", "active", "published_total", "published_active", "source"):
+    for key in ("model", "total", "active_per_token", "published_total", "published_active_per_token", "source"):
         assert key in d
-    assert d["model"] == "mixtral-8x7b" and isinstance(d["total"], int) and d["total"] > d["active"] > 0
+    assert d["model"] == "mixtral-8x7b" and isinstance(d["total"], int) and d["total"] > d["active_per_token"] > 0
     assert abs(d["total"] / d["published_total"] - 1) < 0.03
 
 
@@ -44,7 +44,7 @@ def test_params_of_a_shipped_checkpoint_follow_k(capsys):
     k2 = json.loads(capsys.readouterr().out)
     assert main(["params", "--model", "moe-n8", "--top-k", "4", "--json"]) == 0
     k4 = json.loads(capsys.readouterr().out)
-    assert k4["total"] == k2["total"] and k4["active"] > k2["active"]
+    assert k4["total"] == k2["total"] and k4["active_per_token"] > k2["active_per_token"]
 
 
 @pytest.mark.parametrize("args", [
@@ -85,14 +85,14 @@ def test_route_json_schema():
     code, out, err = run("route", "def add(a, b):\n    return a + b  # 42", "--json")
     assert code == 0, err
     d = json.loads(out)
-    assert set(d["model"]) >= {"name", "n_experts", "top_k_trained", "n_layers", "trained", "recipe"}
+    assert set(d["model"]) >= {"name", "n_experts", "top_k_trained", "n_layer", "trained", "recipe"}
     assert d["scheme"] == "softmax_topk" and d["top_k"] == 2
     text = "def add(a, b):\n    return a + b  # 42"
     assert "".join(t["text"] for t in d["tokens"]) == text
     for t in d["tokens"]:
         assert text[t["start"]:t["end"]] == t["text"]
     T, N = len(d["tokens"]), d["model"]["n_experts"]
-    assert len(d["layers"]) == d["model"]["n_layers"]
+    assert len(d["layers"]) == d["model"]["n_layer"]
     for L in d["layers"]:
         assert len(L["experts"]) == len(L["weights"]) == len(L["dropped"]) == len(L["probs"]) == T
         assert all(len(row) == 2 for row in L["experts"])
@@ -156,7 +156,7 @@ def test_bench_smoke_json():
 # the OS and page-fault them in again on the next pass; bench.keep_freed_memory keeps them for reuse.
 FAULTS = """
 import resource, sys, torch
-from moe_core.bench import keep_freed_memory
+from moe_core.perf.bench import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 torch.set_num_threads(1)
@@ -195,7 +195,7 @@ def test_bench_rounds_interleave_and_ratios_are_taken_within_a_round():
     machine slows them alike), and a ratio is the median of the within-round ratios."""
     import torch
 
-    from moe_core.bench import interleaved_medians, interleaved_times, paired_ratio
+    from moe_core.perf.bench import interleaved_medians, interleaved_times, paired_ratio
 
     calls, now = [], [0.0]
     cost = {"a": 2.0, "b": 1.0}

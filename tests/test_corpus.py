@@ -5,8 +5,8 @@ import unicodedata
 
 import pytest
 
-from moe_core import corpus
-from moe_core.corpus import CORPUS_DIR, KINDS, build, check_sources, load_documents, load_text, manifest
+from moe_core.data import corpus
+from moe_core.data.corpus import CORPUS_DIR, KINDS, build, check_sources, load_documents, load_text, manifest
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_core.routing import SCHEMES
+from moe_core.model.routing import SCHEMES
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EXPLAINERS = ASSETS / "explainers"

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from app.state import RouterState
-from moe_core.checkpoint import load
+from moe_core.model.checkpoint import load
 from moe_core.cli import main
-from moe_core.export import (
+from moe_core.analysis.export import (
     CSV_COLUMNS, export_filename, pytorch_snippet, spreadsheet_safe, trace_csv, trace_json, trace_rows,
 )
 from moe_core.inference import route_text
-from moe_core.scale import ScaleRunner, measure_scale, read_result, summary
+from moe_core.perf.scale import ScaleRunner, measure_scale, read_result, summary
 
 TEXT = "def add(a, b):\n    return a + b  # 42"
 HOSTILE = [
@@ -293,7 +293,7 @@ def test_background_runner_measures_once_and_later_runners_reuse_the_cache(tmp_p
 
 
 def test_reference_measurement_is_shipped_and_labelled():
-    from moe_core.scale import load_reference
+    from moe_core.perf.scale import load_reference
 
     ref = load_reference()
     assert ref is not None and ref["kind"] == "reference" and "2-core" in ref["label"]
@@ -321,7 +321,7 @@ def test_scale_view_shows_this_servers_measurement_or_says_it_is_the_reference(t
 
 def test_source_line_is_honest_about_where_the_numbers_come_from():
     from app.views.scale import source_line
-    from moe_core.scale import load_reference
+    from moe_core.perf.scale import load_reference
 
     ref = load_reference()
     text, shown = source_line({"state": "running", "progress": (2, 7)}, ref)

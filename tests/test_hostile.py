@@ -6,7 +6,7 @@ import json
 import pytest
 
 from app.state import RouterState
-from moe_core.checkpoint import load
+from moe_core.model.checkpoint import load
 from moe_core.cli import main
 from moe_core.inference import route_text
 
@@ -77,7 +77,7 @@ def test_app_state_survives_every_payload_and_bad_setting():
         else:
             assert s.error == "" and s.result is res
     for name, bad in [("top_k", 0), ("top_k", 99), ("capacity_factor", -1), ("capacity_factor", "x"),
-                      ("scheme", "magic"), ("n_experts", 7), ("layer", 9), ("variant", "imaginary")]:
+                      ("scheme", "magic"), ("n_experts", 7), ("layer", 9), ("balancing", "imaginary")]:
         before = getattr(s, name)
         with pytest.raises(ValueError):
             setattr(s, name, bad)

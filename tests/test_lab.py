@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from moe_core.lab import PRESETS, JobManager, Recipe, status
+from moe_core.train.lab import RECIPES, JobManager, Recipe, status
 
 
 def wait_until(cond, timeout=120.0):
@@ -31,7 +31,7 @@ def test_no_balancing_and_bias_balancing_differ_in_max_load():
     """Seeded short runs: the router without balancing concentrates first choices; DeepSeek's bias spreads them."""
     m = JobManager(max_running=1)
     job = m.submit([Recipe(steps=120, seed=0, balancing="none"),
-                    Recipe(steps=120, seed=0, scheme="deepseek", balancing="deepseek_bias", gamma=0.01)])
+                    Recipe(steps=120, seed=0, scheme="deepseek", balancing="deepseek_bias", bias_update_rate=0.01)])
     wait_until(lambda: job.finished, timeout=300)
     assert job.state == "done", job.error
     runs = job.snapshot()["runs"]
@@ -94,7 +94,7 @@ def test_queue_cap_holds_and_positions_are_reported():
     (dict(balancing="deepseek_bias"), "DeepSeek"),
     (dict(steps=0), "steps"),
     (dict(steps=10**6), "steps"),
-    (dict(aux_coef=float("nan")), "aux_coef"),
+    (dict(aux_loss_coef=float("nan")), "aux_loss_coef"),
 ])
 def test_bad_recipes_are_refused_with_a_clear_message(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -102,7 +102,7 @@ def test_bad_recipes_are_refused_with_a_clear_message(kw, message):
 
 
 def test_presets_are_valid_and_status_thresholds():
-    for r in PRESETS.values():
+    for r in RECIPES.values():
         r.validate()
     assert status([[0.6, 0.2, 0.1, 0.1]])[0] == "Collapsed"
     assert status([[0.3] + [0.1] * 7])[0] == "Uneven"

@@ -4,8 +4,8 @@ import hashlib
 import pytest
 import torch
 
-from moe_core.layer import DenseFFN, MoELayer, pick_device
-from moe_core.routing import SCHEMES
+from moe_core.model.layer import DenseFFN, MoELayer, expert_loop, pick_device
+from moe_core.model.routing import SCHEMES
 
 
 def weights_hash(module):
@@ -14,6 +14,13 @@ def weights_hash(module):
         h.update(name.encode())
         h.update(t.detach().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def loop_reference(layer, x, routing):
+    """The layer's output as DeepSeek-V3's loop computes it (expert_loop, plus the shared experts)."""
+    x2 = x.reshape(-1, layer.d_model)
+    y = expert_loop(layer.experts, x2, routing.indices, routing.weights)
+    return (y if layer.shared is None else y + layer.shared(x2)).view(x.shape), routing
 
 
 def make_layer(scheme="softmax_topk", **kw):
@@ -30,7 +37,7 @@ def test_vectorised_dispatch_equals_reference_loop(scheme, n_shared, shape):
     layer = make_layer(scheme, n_shared=n_shared)
     x = torch.randn(*shape)
     y, r = layer(x)
-    y_ref, _ = layer.forward_reference(x, r)
+    y_ref, _ = loop_reference(layer, x, r)
     assert y.shape == x.shape
     assert torch.allclose(y, y_ref, atol=1e-6)
 
@@ -41,7 +48,7 @@ def test_vectorised_dispatch_equals_reference_loop(scheme, n_shared, shape):
 def test_inference_path_equals_reference_loop(mode, activation, threaded, monkeypatch):
     """With autograd off the experts write into one buffer and scale it in place (the dashboard's and
     bench's path); it must give the training path's numbers, on one thread and on the expert threads."""
-    import moe_core.layer as L
+    import moe_core.perf.experts as L
 
     if threaded:
         monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 2)
@@ -53,7 +60,7 @@ def test_inference_path_equals_reference_loop(mode, activation, threaded, monkey
         layer = MoELayer(16, 24, 6, 2, n_shared=1, activation=activation)
         x = torch.randn(3, 40, 16)
         y_grad, r = layer(x)                             # autograd on: the training path
-        y_ref, _ = layer.forward_reference(x, r)
+        y_ref, _ = loop_reference(layer, x, r)
         ctx = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
         with ctx:
             y, r2 = layer(x)
@@ -124,74 +131,6 @@ def test_gradients_reach_router_and_the_chosen_experts_only():
         assert (layer.experts.w_in.grad[unused] == 0).all()
 
 
-def test_expert_threads_each_run_one_core_and_leave_the_callers_thread_count():
-    """Each expert worker runs its matmuls single-threaded (a worker at the process's thread count
-    would start a team inside every matmul: threads on top of threads, spinning); the caller keeps its
-    own count, and so does a thread started afterwards (PyTorch gives new threads the last count set)."""
-    import threading
-
-    import moe_core.layer as L
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                      # as the served app does (and as other tests leave it)
-    torch.set_num_threads(3)
-    L._POOLS.pop(3, None)
-    try:
-        pool = L._expert_pool(3)
-        assert set(pool.map(lambda _: torch.get_num_threads(), range(12))) == {1}
-        assert torch.get_num_threads() == 3
-        later = []
-        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-        t.start()
-        t.join()
-        assert later == [3]
-    finally:
-        L._POOLS.pop(3).shutdown()
-        torch.set_num_threads(threads)
-
-
-def test_experts_shared_out_over_threads_give_the_same_outputs_and_gradients(monkeypatch):
-    """Many experts and enough tokens: Experts.forward runs them on threads; nothing may change."""
-    import moe_core.layer as L
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(2, threads))
-    ran_on = []
-    real = L.Experts._experts_on_threads
-
-    def spy(self, *a, **kw):
-        outs = real(self, *a, **kw)
-        ran_on.append(any(o.grad_fn is not None for o in outs))     # did the threads record autograd?
-        return outs
-
-    monkeypatch.setattr(L.Experts, "_experts_on_threads", spy)
-    monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 16)
-    try:
-        torch.manual_seed(0)
-        layer = MoELayer(32, 48, 32, 2)
-        x = torch.randn(2, 600, 32)                      # 2400 (token, expert) rows over 32 experts
-        y, r = layer(x)
-        assert ran_on, "the threaded path did not run"
-        y.square().sum().backward()
-        g = {n: p.grad.clone() for n, p in layer.named_parameters()}
-        layer.zero_grad()
-        ref, _ = layer.forward_reference(x, r)
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
-        monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 10**9)   # the same layer in one thread
-        y1, _ = layer(x)
-        y1.square().sum().backward()
-        for n, p in layer.named_parameters():
-            torch.testing.assert_close(g[n], p.grad, rtol=1e-5, atol=1e-6)
-        with torch.no_grad():                         # the callers' grad mode reaches the threads
-            monkeypatch.setattr(L, "PARALLEL_MIN_EXPERTS", 16)     # (back to threads)
-            n_before = len(ran_on)
-            y2, _ = layer(x)
-            assert len(ran_on) == n_before + 1 and ran_on[-1] is False and y2.grad_fn is None
-        assert ran_on[0] is True                          # with grad: the experts' outputs are in the graph
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_bad_layer_settings():
     with pytest.raises(ValueError, match="at least 1"):
         MoELayer(16, 24, 0, 1)
@@ -204,8 +143,10 @@ def test_bad_layer_settings():
         layer(torch.randn(4, 8))
     with pytest.raises(ValueError, match="between 1 and N"):
         layer(torch.randn(4, 16), top_k=7)
-    with pytest.raises(ValueError, match="does not take"):
+    with pytest.raises(ValueError, match="has no capacity"):
         layer(torch.randn(4, 16), capacity_factor=1.0)
+    with pytest.raises(ValueError, match="does not take"):
+        layer(torch.randn(4, 16), n_groups=2)
 
 
 def test_dense_ffn_and_device_choice():
@@ -243,11 +184,12 @@ def test_the_package_exports_the_layer_and_routing_api_without_importing_torch_u
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["(3,", "16)", "(3,", "2)"]
 
+    import importlib
+
     import moe_core
-    from moe_core import layer, model, params, routing
 
     for name in moe_core.__all__:
-        source = {"layer": layer, "routing": routing, "model": model, "params": params}[moe_core._EXPORTS[name]]
+        source = importlib.import_module(f"moe_core.{moe_core._EXPORTS[name]}")
         assert getattr(moe_core, name) is getattr(source, name)
     assert set(moe_core.SCHEMES) >= {"softmax_topk", "noisy_topk", "switch", "gshard", "expert_choice", "base", "deepseek"}
     with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
@@ -268,7 +210,7 @@ def test_bench_hf_baseline_fallback_holds_our_weights_and_computes_our_layer(mon
     # the comparison is only fair if both compute the same thing
     import sys
 
-    from moe_core.bench import hf_baseline
+    from moe_core.perf.bench import hf_baseline
 
     monkeypatch.setitem(sys.modules, "transformers", None)     # as where transformers is not installed
     layer, x = _mixtral_like_layer()
@@ -282,7 +224,7 @@ def test_bench_hf_baseline_fallback_holds_our_weights_and_computes_our_layer(mon
 
 def test_transformers_mixtral_block_holding_our_weights_computes_our_layer():
     transformers = pytest.importorskip("transformers")       # the `bench` extra; `make test` installs it
-    from moe_core.bench import hf_baseline
+    from moe_core.perf.bench import hf_baseline
 
     layer, x = _mixtral_like_layer()
     hf, label = hf_baseline(layer)
@@ -297,21 +239,7 @@ def test_transformers_mixtral_block_holding_our_weights_computes_our_layer():
 
 @pytest.mark.parametrize("kw", [{"scheme": "switch"}, {"n_shared": 1}, {"activation": "gelu"}, {"normalize": False}])
 def test_bench_hf_baseline_refuses_a_layer_that_is_not_mixtral_like(kw):
-    from moe_core.bench import hf_baseline
+    from moe_core.perf.bench import hf_baseline
 
     with pytest.raises(ValueError, match="HF Mixtral baseline"):
         hf_baseline(MoELayer(16, 24, 4, 2, **kw))
-
-
-def test_share_out_gives_threads_equal_work_and_every_expert_once():
-    from moe_core.layer import EXPERT_COST_ROWS, share_out
-
-    counts = [410, 128, 300, 300, 250, 260, 0, 140]
-    active = [e for e, c in enumerate(counts) if c]
-    lists = share_out(active, counts, 2)
-    assert sorted(e for ids in lists for e in ids) == active and all(ids == sorted(ids) for ids in lists)
-    work = [sum(counts[e] + EXPERT_COST_ROWS for e in ids) for ids in lists]
-    # dealt in turn ([0, 2, 4, 7] and [1, 3, 5]) the work is 1164 vs 736; shared out it is within one expert
-    assert abs(work[0] - work[1]) <= min(counts[e] for e in active) + EXPERT_COST_ROWS, work
-    assert share_out([3], counts, 2) == [[3], []]
-    assert share_out(active, counts, 1) == [active]

@@ -1,4 +1,4 @@
-"""moe_core.pages.pages_kept: a thread's freed memory kept for its own reuse, then given back.
+"""moe_core.perf.pages.pages_kept: a thread's freed memory kept for its own reuse, then given back.
 
 Checked for real in child processes run under jemalloc (what the server runs with; `make test`
 installs Debian's libjemalloc2): page faults per pass of a big buffer with and without it, the
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from moe_core import pages
-from moe_core.scale import _same_setup, machine
+from moe_core.perf import pages
+from moe_core.perf.scale import _same_setup, machine
 from tests.test_allocator import need_jemalloc, run_fragment
 
 
@@ -21,7 +21,7 @@ def run_under_jemalloc(code: str) -> dict:
 
 FAULTS = r"""
 import ctypes, json, resource, torch
-from moe_core.pages import mallctl, pages_kept
+from moe_core.perf.pages import mallctl, pages_kept
 m = mallctl()
 
 def faults_per_pass(passes=8):
@@ -89,7 +89,7 @@ def test_freed_pages_are_kept_inside_and_given_back_on_exit():
 LAB = r"""
 import json, time, contextlib
 from pathlib import Path
-import moe_core.lab as lab
+import moe_core.train.lab as lab
 
 def faults_per_step(keep):
     if not keep:
@@ -140,7 +140,7 @@ def test_a_scale_cache_counts_only_for_the_same_handling_of_freed_memory():
 
 SCALE = r"""
 import json
-from moe_core.scale import measure_scale
+from moe_core.perf.scale import measure_scale
 r = measure_scale((2, 4), top_k=2, d_model=128, d_ff=256, tokens=4096, repeats=5)
 print(json.dumps({"freed_pages": r["machine"]["freed_pages"], "dense": r["dense"]["ms"],
                   "moe": [row["ms"] for row in r["rows"]]}))

@@ -1,4 +1,4 @@
-"""Expert parallelism (moe_core/parallel.py): 2 real gloo processes on loopback must match one process.
+"""Expert parallelism (moe_core/parallel/expert_parallel.py): 2 real gloo processes on loopback must match one process.
 
 The distributed checks run as one torchrun job (`--standalone --nproc-per-node 2`)
 executing this file's `_distributed_checks`; rank 0 writes the measured
@@ -18,7 +18,11 @@ import pytest
 import torch
 
 from moe_core.cli import main
-from moe_core.parallel import ExchangeStats, check_expert_parallel, expert_placement
+from moe_core.parallel.expert_parallel import (
+    ExchangeStats,
+    check_expert_parallel,
+    expert_placement,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMES = [("softmax_topk", {}), ("noisy_topk", {}), ("switch", {"capacity_factor": 1.0}), ("gshard", {"capacity_factor": 1.0}),
@@ -41,10 +45,17 @@ def _torchrun(args: list[str], **env) -> subprocess.CompletedProcess:
 def _distributed_checks(out_path: str) -> None:
     import torch.distributed as dist
 
-    from moe_core.layer import MoELayer
-    from moe_core.model import MoEConfig, MoEGPT
-    from moe_core.parallel import ExpertParallelMoE, init, shard_model, train_step, unshard_model
-    from moe_core.train import TrainConfig, configure_optimizer
+    from moe_core.model.gpt import MoEConfig, MoEGPT
+    from moe_core.model.layer import MoELayer
+    from moe_core.parallel.expert_parallel import (
+        ExpertParallelMoE,
+        clip_grad_norm,
+        init,
+        shard_model,
+        sync_gradients,
+        unshard_model,
+    )
+    from moe_core.train.loop import TrainConfig, configure_optimizer
 
     init("cpu")
     torch.set_num_threads(1)
@@ -114,7 +125,12 @@ def _distributed_checks(out_path: str) -> None:
         torch.nn.utils.clip_grad_norm_(ref.parameters(), tcfg.grad_clip)
         opt_ref.step()
         rows = slice(2 * r, 2 * r + 2)
-        out_p = train_step(sharded, opt_par, x[rows], y[rows], tcfg.grad_clip)
+        out_p = sharded(x[rows], y[rows], return_logits=False)       # ExpertParallelTrainer's step, by hand
+        opt_par.zero_grad()
+        out_p.loss.backward()
+        sync_gradients(sharded)
+        clip_grad_norm(sharded, tcfg.grad_clip)
+        opt_par.step()
         mean = out_p.loss.detach().clone()
         dist.all_reduce(mean)
         losses.append([out.loss.item(), mean.item() / p])
@@ -127,14 +143,16 @@ def _distributed_checks(out_path: str) -> None:
     # 4. the training loop itself (train_parallel, evaluate_parallel, unshard) against train.train
     import numpy as np
 
-    from moe_core.parallel import train_parallel
-    from moe_core.train import TokenData, train
+    from moe_core.data.tokens import TokenData
+    from moe_core.parallel.expert_parallel import train_parallel
+    from moe_core.train.loop import train
 
     rng = np.random.RandomState(0)
     data = TokenData(rng.randint(0, 64, 4000), rng.randint(0, 64, 1000))
     tcfg = TrainConfig(steps=3, batch_size=4, warmup_steps=1, eval_interval=0, eval_batches=2)
-    model_p, history_p, traffic, eval_p, _ = train_parallel(cfg, tcfg, data=data)
-    full_p = unshard_model(model_p).state_dict()
+    result_p, traffic = train_parallel(cfg, tcfg, data=data)
+    history_p, eval_p = result_p.history, result_p.eval_loss
+    full_p = unshard_model(result_p.model).state_dict()
     single = train(cfg, tcfg, data=data)
     results["loop_param_diff"] = max((full_p[k] - v).abs().max().item() for k, v in single.model.state_dict().items())
     results["loop_losses"] = [[a["loss"], b["loss"]] for a, b in zip(single.history, history_p)]
@@ -205,9 +223,9 @@ def test_training_loop_matches_train_train(distributed):
 
 @pytest.mark.slow     # processes started with torch.distributed
 def test_cli_route_json_matches_single_process():
-    from moe_core.checkpoint import load
-    from moe_core.export import trace_dict
+    from moe_core.analysis.export import trace_dict
     from moe_core.inference import route_text
+    from moe_core.model.checkpoint import load
 
     text = "def f(x):\n    return x * 42  # the answer"
     p = subprocess.run([sys.executable, "-m", "moe_core", "route", "--expert-parallel", "2", "--model",
@@ -263,7 +281,7 @@ def test_mismatch_with_torchrun_world_size(capsys, monkeypatch):
 def test_self_launch_passes_every_option_on():
     """The command line each torchrun process runs parses back to the same request."""
     from moe_core.cli import build_parser
-    from moe_core.parallel import route_argv, train_argv
+    from moe_core.parallel.expert_parallel import route_argv, train_argv
 
     parser = build_parser()
     args = parser.parse_args(["route", "--expert-parallel", "2", "--scheme", "switch", "--capacity-factor", "1.5",
@@ -357,6 +375,18 @@ def test_parallel_view_reports_a_broken_run_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         load_run(bad)
+
+
+def test_a_run_saved_before_the_renaming_reads_with_todays_names(tmp_path):
+    """Runs and traces saved when the JSON said n_layers / active still load, under today's names."""
+    from app.views.parallel import RUN_DIR, load_run
+
+    shipped = sorted(RUN_DIR.glob("*.json"))[0]
+    old = json.loads(shipped.read_text())
+    old["model"]["n_layers"] = old["model"].pop("n_layer")
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert load_run(tmp_path / "old.json") == load_run(shipped)
+    assert load_run(shipped)["model"]["n_layer"] == 4
 
 
 if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ... tests/test_parallel.py OUT.json

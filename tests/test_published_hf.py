@@ -1,4 +1,4 @@
-"""The published-model calculator (`moe_core.published`) against Hugging Face transformers' own
+"""The published-model calculator (`moe_core.model.published`) against Hugging Face transformers' own
 modelling code: each architecture is built from OUR hyper-parameters with transformers' model class on
 the meta device (no weights, no download, no memory), its parameters are counted and sorted into the
 same parts, and both must agree exactly. transformers is the `bench` extra, which `make test` installs.
@@ -9,14 +9,14 @@ import collections
 import pytest
 import torch
 
-from moe_core import published as P
+from moe_core.model import published as P
 
 T = pytest.importorskip("transformers")
 
 
 def _config(name: str):
     a = P.spec(name)
-    common = dict(vocab_size=a.vocab, hidden_size=a.d_model, num_hidden_layers=a.n_layers,
+    common = dict(vocab_size=a.vocab, hidden_size=a.d_model, num_hidden_layers=a.n_layer,
                   num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
                   tie_word_embeddings=a.tied_embeddings)
     if name == "mixtral-8x7b":
@@ -40,7 +40,7 @@ def _config(name: str):
         return T.GptOssConfig(**common, head_dim=a.head_dim, intermediate_size=a.d_expert,
                               num_local_experts=a.n_experts, num_experts_per_tok=a.top_k)
     if name == "llama-4-maverick":
-        moe = tuple(range(1, a.n_layers, 2))
+        moe = tuple(range(1, a.n_layer, 2))
         assert a.moe_layers == moe            # every second block, as interleave_moe_layer_step=2 builds
         return T.Llama4TextConfig(**common, head_dim=a.head_dim, intermediate_size=a.d_expert,
                                   intermediate_size_mlp=a.d_ff_dense, num_local_experts=a.n_experts,
@@ -97,7 +97,7 @@ def test_switch_c_2048_matches_transformers_switch_transformers():
     import dataclasses
 
     a = dataclasses.replace(P.spec("switch-c-2048"), n_experts=16)
-    half = a.n_layers // 2
+    half = a.n_layer // 2
     cfg = T.SwitchTransformersConfig(vocab_size=a.vocab, d_model=a.d_model, d_kv=a.head_dim, d_ff=a.d_expert,
                                      num_layers=half, num_decoder_layers=half, num_sparse_encoder_layers=half,
                                      num_sparse_decoder_layers=half, num_heads=a.n_heads, num_experts=a.n_experts,

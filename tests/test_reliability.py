@@ -9,10 +9,11 @@ import torch
 
 from app.lab import TrainingLab
 from app.state import RouterState
-from moe_core import checkpoint, lab as lab_mod
-from moe_core.checkpoint import CHECKPOINT_DIR, list_checkpoints, load, load_file, save
-from moe_core.lab import JobManager, Recipe
-from moe_core.routing import SCHEMES
+from moe_core.model import checkpoint
+from moe_core.train import lab as lab_mod
+from moe_core.model.checkpoint import CHECKPOINT_DIR, list_checkpoints, load, load_file, save
+from moe_core.train.lab import JobManager, Recipe
+from moe_core.model.routing import SCHEMES
 
 
 def weights_hash() -> str:
@@ -39,8 +40,8 @@ def test_shared_weights_are_never_mutated_by_any_feature():
     s = RouterState(text="def f(x):\n    return x * 42  # the answer")
     for n in s.param.n_experts.objects:
         s.n_experts = n
-        for variant in list(s.param.variant.objects):
-            s.variant = variant
+        for choice in list(s.param.balancing.objects):
+            s.balancing = choice
             for scheme in SCHEMES:
                 s.scheme = scheme
                 for k in (1, 2, n):

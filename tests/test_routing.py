@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_core.routing import (
+from moe_core.model.routing import (
     SCHEMES, Routing, base, deepseek, expert_capacity, expert_choice, gshard, noisy_topk, route, softmax_topk,
     switch, update_bias, z_loss,
 )

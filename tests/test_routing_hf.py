@@ -8,7 +8,7 @@ HF inherits, and our lowest-index rule replaces) does not enter."""
 import pytest
 import torch
 
-from moe_core import routing as R
+from moe_core.model import routing as R
 
 T = pytest.importorskip("transformers")
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter  # noqa: E402

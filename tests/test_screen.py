@@ -8,7 +8,7 @@ import pytest
 from app.dashboard import Dashboard, k_fixed_text
 from app.state import RouterState, corpus_profile, routed
 from app.views.screen import per_token_text, screen_data, screen_json
-from moe_core.checkpoint import load
+from moe_core.model.checkpoint import load
 
 TEXT = "def add(a, b):\n    return a + b  # 12345"
 
@@ -71,7 +71,7 @@ def test_what_k_is_under_each_scheme_is_said_the_same_by_the_control_and_the_cou
 def test_deepseek_sends_the_bias_that_shifts_the_choice():
     m = load("moe-n8-bias")
     s = RouterState(text=TEXT)
-    s.variant = "DeepSeek bias"
+    s.balancing = "DeepSeek bias"
     s.route()
     assert s.scheme == "deepseek"
     d = screen_data(s.result, m)

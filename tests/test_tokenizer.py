@@ -1,4 +1,4 @@
-"""The shipped byte-level BPE tokenizer: exact round trips, spans that partition the text, digits, categories."""
+"""The shipped byte-level BPE tokenizer: exact round trips, spans that partition the text, digits."""
 import json
 import random
 from dataclasses import FrozenInstanceError
@@ -7,9 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_core.corpus import KINDS, load_documents
-from moe_core.tokenizer import (EOT, TOKEN_CATEGORIES, TOKENIZER_PATH, Token, Tokenizer, get_tokenizer,
-                                token_category, train_tokenizer)
+from moe_core.data.corpus import KINDS, load_documents
+from moe_core.data.tokenizer import EOT, TOKENIZER_PATH, Token, Tokenizer, get_tokenizer, train_tokenizer
 
 HOSTILE = [
     "", " ", "   ", "\t\t", "\n", "\n\n\n", "\r\n", "a\r\nb\rc\n", " \t \n\r\n ",
@@ -134,24 +133,6 @@ def test_get_tokenizer_is_cached():
 def test_load_missing_file_says_how_to_build(tmp_path):
     with pytest.raises(FileNotFoundError, match="moe-lab corpus"):
         Tokenizer.load(tmp_path / "nope.json")
-
-
-@pytest.mark.parametrize("text,cat", [
-    ("7", "digit"), ("0", "digit"), (".", "punctuation"), (" ==", "punctuation"), ("):", "punctuation"),
-    ("→", "punctuation"), ("$", "punctuation"), ("  ", "whitespace"), ("\n    ", "whitespace"), ("\t", "whitespace"),
-    ("The", "capitalised"), (" The", "capitalised"), ("Привет", "capitalised"), ("def", "keyword"),
-    (" def", "keyword"), ("True", "keyword"), (" None", "keyword"), ("\n    return", "keyword"), ("the", "other"),
-    (" x", "other"), ("日本", "other"), ("foo_bar", "other"), ("\\xe4", "other"), ("", "other"),
-])
-def test_token_category(text, cat):
-    assert token_category(text) == cat
-
-
-def test_category_names():
-    assert TOKEN_CATEGORIES == ("digit", "punctuation", "whitespace", "capitalised", "keyword", "other")
-    tok = get_tokenizer()
-    seen = {token_category(tok.token_str(i)) for i in range(tok.vocab_size)}
-    assert seen == set(TOKEN_CATEGORIES)
 
 
 def test_training_is_deterministic(tmp_path):

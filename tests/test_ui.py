@@ -117,7 +117,7 @@ def test_page_loads_without_errors_and_shows_real_routing(page: Page, app_url):
 
 def test_typing_text_reroutes_the_tokens(page: Page, app_url):
     open_app(page, app_url)
-    from moe_core.tokenizer import get_tokenizer
+    from moe_core.data.tokenizer import get_tokenizer
 
     text = "def add(a, b):\n    return a + b  # 12345"
     set_text(page, text)

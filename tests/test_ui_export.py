@@ -36,7 +36,7 @@ def test_json_download_is_the_routing_trace(page: Page, app_url):
         d = json.load(f)
     assert set(d) == SCHEMA_KEYS
     assert d["layers"] and set(d["layers"][0]) == LAYER_KEYS
-    assert len(d["layers"]) == d["model"]["n_layers"]
+    assert len(d["layers"]) == d["model"]["n_layer"]
     T = len(d["tokens"])
     assert T > 0 and all(len(L["experts"]) == T for L in d["layers"])
     assert download.suggested_filename.startswith(f"routing-{d['model']['name']}-{d['scheme']}")

@@ -3,7 +3,7 @@
 A is whatever the Router tab shows; B has its own model, scheme, k and
 capacity controls here. Both are real routings of the user's text
 (`moe_core.inference.route_text`); the divergence figures come from
-`moe_core.compare.compare_results`.
+`moe_core.analysis.compare.compare_results`.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import param
 from bokeh.models import ColumnDataSource, FactorRange
 from bokeh.plotting import figure
 
-from moe_core.checkpoint import load
-from moe_core.compare import compare_results
+from moe_core.analysis.compare import compare_results
 from moe_core.inference import MAX_TOKENS, route_text
-from moe_core.routing import SCHEMES
+from moe_core.model.checkpoint import load
+from moe_core.model.request import RoutingRequest
+from moe_core.model.routing import SCHEMES
 
 from ..state import MAX_TEXT_CHARS, RouterState, catalog
 from .panels import chip, visible
@@ -70,7 +71,7 @@ class CompareView(pn.viewable.Viewer):
 
     def _copy_a(self, event=None):
         s = self.state
-        name = s.model_info["name"] if s.variant != RouterState.LAB_VARIANT else self.model_b.value
+        name = s.model_info["name"] if s.balancing != RouterState.LAB_BALANCING else self.model_b.value
         self.model_b.value = name
         self.scheme_b.value = s.scheme
         self.k_b.value = s.top_k
@@ -102,14 +103,11 @@ class CompareView(pn.viewable.Viewer):
         if self._stale:
             self.update()
 
-    def request_b(self) -> dict:
-        s = SCHEMES[self.scheme_b.value]
-        req = {"scheme": self.scheme_b.value}
-        if s.uses_k:
-            req["top_k"] = min(self.k_b.value, load(self.model_b.value).config.n_experts)
-        if s.uses_capacity:
-            req["capacity_factor"] = float(self.cf_b.value)
-        return req
+    def request_b(self) -> RoutingRequest:
+        s, config = SCHEMES[self.scheme_b.value], load(self.model_b.value).config
+        return RoutingRequest.make(config, self.scheme_b.value,
+                                   min(self.k_b.value, config.n_experts) if s.uses_k else None,
+                                   float(self.cf_b.value) if s.uses_capacity else None)
 
     # -- computing and drawing -----------------------------------------------------
 
@@ -120,8 +118,7 @@ class CompareView(pn.viewable.Viewer):
             return
         model_b = load(self.model_b.value)
         try:
-            b = route_text(model_b, s.text[:MAX_TEXT_CHARS], max_tokens=MAX_TOKENS, truncate=True,
-                           **self.request_b())
+            b = route_text(model_b, s.text[:MAX_TEXT_CHARS], self.request_b(), max_tokens=MAX_TOKENS, truncate=True)
         except ValueError as e:
             self.error = str(e)
             if self._notify:

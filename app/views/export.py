@@ -1,6 +1,6 @@
 """Take it home: the routing trace as JSON or CSV, and the request as a PyTorch snippet.
 
-The files are made by `moe_core.export` on click (nothing is prepared for
+The files are made by `moe_core.analysis.export` on click (nothing is prepared for
 sessions that never download). The JSON is byte for byte what
 `moe-lab route --json` prints for the same text and options. Everything is
 taken from the routing on screen: when a new request fails (say, an empty
@@ -14,7 +14,14 @@ import io
 import panel as pn
 import param
 
-from moe_core.export import CSV_COLUMNS, export_filename, pytorch_snippet, to_bytes, trace_csv, trace_json
+from moe_core.analysis.export import (
+    CSV_COLUMNS,
+    export_filename,
+    pytorch_snippet,
+    to_bytes,
+    trace_csv,
+    trace_json,
+)
 
 from ..state import MAX_TEXT_CHARS, RouterState, catalog
 
@@ -60,7 +67,7 @@ class ExportPanel(pn.viewable.Viewer):
         """Record the model and text this result was routed with (the state may move on and fail)."""
         # state.route() sets `result` right after routing text[:MAX_TEXT_CHARS] with request(), so at
         # this moment the state still holds exactly what produced it
-        self._routed = (result, self.state.model, self.state.text[:MAX_TEXT_CHARS], self.state.request())
+        self._routed = (result, self.state.model, self.state.text[:MAX_TEXT_CHARS], self.state.request().as_dict())
         name = self._routed[1].name
         req = self.request()
         for btn, ext in ((self.json_btn, "json"), (self.csv_btn, "csv")):

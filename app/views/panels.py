@@ -12,10 +12,10 @@ import math
 import re
 from functools import lru_cache
 
-from moe_core.checkpoint import ASSETS
-from moe_core.metrics import METRICS
-from moe_core.published import compute, memory_bytes, published_models
-from moe_core.routing import SCHEMES
+from moe_core.analysis.metrics import METRICS
+from moe_core.model.checkpoint import ASSETS
+from moe_core.model.published import compute, memory_bytes, published_models
+from moe_core.model.routing import SCHEMES
 
 from .palette import expert_colors, text_color
 
@@ -75,7 +75,7 @@ def token_detail(result, layers: list[int], selected: int) -> str:
 
 def balance_table(result, layers: list[int]) -> str:
     """The balance metrics per layer, each name carrying its one-line definition."""
-    from moe_core.metrics import balance_metrics
+    from moe_core.analysis.metrics import balance_metrics
 
     if result is None:
         return ""
@@ -128,7 +128,7 @@ def counters(result, config) -> str:
              f"moves only by the router's few extra weights.</p>")
     return (f"<div class='stats'>{html_cards}</div>{dense}<table class='mini parts'><thead><tr><th>part</th>"
             f"<th>total</th><th>active / token</th></tr></thead><tbody>{''.join(parts)}</tbody></table>"
-            f"<p class='muted'>Counted from the loaded PyTorch module (moe_core.params). The input embedding "
+            f"<p class='muted'>Counted from the loaded PyTorch module (moe_core.model.params). The input embedding "
             f"is tied to the output head, so it is counted once and as active.</p>")
 
 
@@ -137,8 +137,8 @@ def published_rows() -> list[dict]:
     rows = []
     for name in published_models():
         c = compute(name)
-        rows.append({"model": c.label, "key": name, "total": c.total, "active": c.active,
-                     "published_total": c.published_total, "published_active": c.published_active,
+        rows.append({"model": c.label, "key": name, "total": c.total, "active": c.active_per_token,
+                     "published_total": c.published_total, "published_active_per_token": c.published_active_per_token,
                      "n_experts": c.n_experts, "top_k": c.top_k, "n_shared": c.n_shared,
                      "bf16_gb": memory_bytes(c.total, "bf16") / 1e9, "source": c.source.split(" ; ")[0],
                      "sources": c.source.split(" ; ")})
@@ -149,7 +149,7 @@ def published_table() -> str:
     rows = []
     for r in published_rows():
         share = r["active"] / r["total"]
-        pub = (f"{human(r['published_total'])} / {human(r['published_active'])}" if r["published_active"]
+        pub = (f"{human(r['published_total'])} / {human(r['published_active_per_token'])}" if r["published_active_per_token"]
                else f"{human(r['published_total'])} / not published")
         links = " ".join(f"<a href='{esc(u, quote=True)}' target='_blank' rel='noopener'>[{i + 1}]</a>"
                          for i, u in enumerate(r["sources"]) if u.startswith("http"))
@@ -160,7 +160,7 @@ def published_table() -> str:
                     f"<td class='num'>{pub}</td><td>{links}</td></tr>")
     return ("<table class='mini published'><thead><tr><th>model</th><th>experts</th><th>total</th><th>active</th>"
             "<th>active share</th><th>weights in bf16</th><th>published (total / active)</th><th>sources</th></tr>"
-            f"</thead><tbody>{''.join(rows)}</tbody></table><p class='muted'>Computed by moe_core.published from "
+            f"</thead><tbody>{''.join(rows)}</tbody></table><p class='muted'>Computed by moe_core.model.published from "
             "each model's hyper-parameters (config files and papers), next to the figures their authors "
             "published. Memory is for the weights alone: no KV cache, activations or optimizer state.</p>")
 
@@ -175,7 +175,7 @@ def explainer_markdown(topic: str) -> str:
 
 def right_now(result, layers: list[int], model_info: dict) -> str:
     """What the plots show at this moment, computed from the result (Markdown, no user text)."""
-    from moe_core.metrics import balance_metrics
+    from moe_core.analysis.metrics import balance_metrics
 
     if result is None:
         return ""
@@ -195,5 +195,5 @@ def right_now(result, layers: list[int], model_info: dict) -> str:
         lines.append(f"- Next-token loss on this text: **{result.loss:.3f} nats** "
                      f"(perplexity {math.exp(min(result.loss, 50)):.1f}) under {SCHEMES[result.scheme].label}"
                      + (f", k = {result.top_k}" if result.top_k else "") + ".")
-    lines.append(f"- Model: {model_info['name']} ({model_info['variant']}).")
+    lines.append(f"- Model: {model_info['name']} ({model_info['balancing']}).")
     return "**Right now, on your text:**\n\n" + "\n".join(lines)

@@ -1,9 +1,9 @@
 """The parallelism view: where the experts live, and what travels between devices.
 
 Everything it draws comes from a saved, real expert-parallel run
-(`assets/parallel/*.json`, written by `moe_core.parallel.record` under
+(`assets/parallel/*.json`, written by `moe_core.parallel.expert_parallel.record` under
 torchrun; the file says which command made it) and from the parameter
-counts of `moe_core.published`. Nothing is simulated.
+counts of `moe_core.model.published`. Nothing is simulated.
 
     parallel_view()  ->  a Panel layout for one dashboard tab
 """
@@ -18,8 +18,9 @@ import panel as pn
 from bokeh.models import ColumnDataSource, HoverTool, NumeralTickFormatter, Span
 from bokeh.plotting import figure
 
-from moe_core.checkpoint import ASSETS
-from moe_core.published import BYTES_PER_PARAM, compute, published_models
+from moe_core.analysis.export import current_keys
+from moe_core.model.checkpoint import ASSETS
+from moe_core.model.published import BYTES_PER_PARAM, compute, published_models
 
 from ..styles import CSS
 from .palette import expert_colors, text_color
@@ -45,7 +46,7 @@ def load_run(path: str | Path) -> dict:
     if path.stat().st_size > MAX_RUN_BYTES:
         raise ValueError(f"{path.name} is larger than {MAX_RUN_BYTES >> 20} MB; not a saved run")
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
+        d = current_keys(json.loads(path.read_text(encoding="utf-8")))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path.name} is not valid JSON: {e}") from None
     if not isinstance(d, dict) or d.get("format") != "moe-router-lab/parallel-run/1":
@@ -77,13 +78,13 @@ def gpu_table_rows(gpu_gb: float = GPU_GB, dtype: str = DTYPE) -> list[dict]:
     for name in published_models():
         c = compute(name)
         total_b = c.total * BYTES_PER_PARAM[dtype]
-        active_b = c.active * BYTES_PER_PARAM[dtype]
-        rows.append({"key": name, "model": c.label, "total": c.total, "active": c.active,
+        active_b = c.active_per_token * BYTES_PER_PARAM[dtype]
+        rows.append({"key": name, "model": c.label, "total": c.total, "active": c.active_per_token,
                      "n_experts": c.n_experts, "top_k": c.top_k, "n_shared": c.n_shared,
                      "total_gb": total_b / 1e9, "active_gb": active_b / 1e9,
                      "gpus_total": max(1, math.ceil(total_b / per_gpu)),
                      "gpus_active": max(1, math.ceil(active_b / per_gpu)),
-                     "flops_per_token": 2 * c.active})
+                     "flops_per_token": 2 * c.active_per_token})
     return rows
 
 
@@ -225,7 +226,7 @@ def gpu_table_html(gpu_gb: float = GPU_GB, dtype: str = DTYPE) -> str:
             f"({BYTES_PER_PARAM[dtype]} bytes per parameter); weights only, no KV cache, activations or "
             "optimizer state, so real deployments need more. Compute per token is the usual 2 \u00d7 active "
             "parameters estimate for a forward pass (matrix multiplies, attention over the context left out). "
-            "Parameter counts: moe_core.published, from each model's hyper-parameters.</p>")
+            "Parameter counts: moe_core.model.published, from each model's hyper-parameters.</p>")
 
 
 # ----------------------------------------------------------------------------- the view
@@ -281,7 +282,7 @@ def parallel_view(run_path: str | Path | None = None) -> pn.viewable.Viewable:
         except ValueError as e:
             problems.append(str(e))
     if not paths:
-        problems.append("no saved expert-parallel run in assets/parallel (see moe_core/parallel.py: record)")
+        problems.append("no saved expert-parallel run in assets/parallel (see moe_core/parallel/expert_parallel.py: record)")
     notes = [_html(f"<p class='muted'>{html.escape(p)}</p>") for p in problems]
     if not runs:
         return pn.Column(*notes, gpus, sizing_mode="stretch_width")

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 from bokeh.models import (
-    BoxAnnotation, ColorBar, ColumnDataSource, FixedTicker, HoverTool, LinearColorMapper, Range1d, TapTool,
+    BoxAnnotation,
+    ColorBar,
+    ColumnDataSource,
+    FixedTicker,
+    HoverTool,
+    LinearColorMapper,
+    Range1d,
+    TapTool,
 )
 from bokeh.palettes import Cividis256
 from bokeh.plotting import figure

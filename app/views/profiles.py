@@ -1,6 +1,6 @@
 """Expert profiles and ablation: what each expert takes, and what happens when it is switched off.
 
-Everything shown comes from `moe_core.profiles`: profiles are computed from the
+Everything shown comes from `moe_core.analysis.profiles`: profiles are computed from the
 loaded model on a fixed held-out slice (cached in assets/profiles, checked
 against the weights) and the ablation runs the real model twice, with the
 expert on and off. The point to see: experts specialise in surface patterns
@@ -24,12 +24,13 @@ from bokeh.models import ColumnDataSource, FactorRange, HoverTool, Legend, Legen
 from bokeh.plotting import figure
 from bokeh.transform import dodge
 
-from ..styles import CSS
+from moe_core.analysis.profiles import ABLATION_TOKENS, ablate, load_profiles
+from moe_core.data.categories import CATEGORIES
 from moe_core.inference import MAX_TOKENS
-from moe_core.profiles import ABLATION_TOKENS, CATEGORIES, ablate, load_profiles
-from moe_core.routing import SCHEMES
+from moe_core.model.routing import SCHEMES
 
 from ..state import RouterState
+from ..styles import CSS
 from .palette import expert_colors
 from .panels import chip, visible
 
@@ -127,7 +128,7 @@ class ExpertProfiles(pn.viewable.Viewer):
         self.layer.param.watch(self._on_pick, "value")
         self.expert.param.watch(self._on_pick, "value")
         self.switch.param.watch(self._on_switch, "value")
-        self.state.param.watch(self._on_model, ["n_experts", "variant", "lab_model"])
+        self.state.param.watch(self._on_model, ["n_experts", "balancing", "lab_model"])
         self.state.param.watch(self._on_state_layer, ["layer"])
         self.state.param.watch(self._on_text, ["text", "scheme", "top_k", "capacity_factor"])
         self._on_model()
@@ -218,7 +219,7 @@ class ExpertProfiles(pn.viewable.Viewer):
         src = ("from the cache (checked against the weights)" if p["source"] == "cache"
                else f"computed now from the loaded model ({p['wall_s']} s)")
         note = ""
-        if s.request() != p["route"]:
+        if s.request().as_dict() != p["route"]:
             note = (" Profiles use the routing the model was trained with; your current routing differs "
                     "(the switch below uses yours).")
         self.header.object = (
@@ -244,7 +245,7 @@ class ExpertProfiles(pn.viewable.Viewer):
     def _job_args(self) -> dict:
         s = self.state
         return {"model": s.model, "layer": self.layer.value, "expert": self.expert.value, "text": s.text,
-                "request": s.request()}
+                "request": s.request().as_dict()}
 
     @staticmethod
     def compute_ablation(model, layer: int, expert: int, text: str, request: dict) -> dict:

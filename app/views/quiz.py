@@ -12,10 +12,9 @@ import html
 import panel as pn
 import param
 
-from ..styles import QUIZ_CSS
-
 from ..quiz import Feedback, QuizState, apply_setup, describe_setup
 from ..state import RouterState
+from ..styles import QUIZ_CSS
 
 esc = html.escape
 STYLES = [QUIZ_CSS]

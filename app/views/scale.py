@@ -1,6 +1,6 @@
 """Scale it up: time per forward stays nearly flat while weight memory grows with N.
 
-Two Bokeh figures from `moe_core.scale` measurements of the real MoELayer: on
+Two Bokeh figures from `moe_core.perf.scale` measurements of the real MoELayer: on
 this server (measured once per process in a low-priority background thread,
 then cached) or, until that finishes, the reference measurement shipped in
 assets/scale/reference.json. The source line always says which one is shown.
@@ -17,7 +17,7 @@ import param
 from bokeh.models import ColumnDataSource, FixedTicker, HoverTool, Legend
 from bokeh.plotting import figure
 
-from moe_core.scale import ScaleRunner, default_runner, load_reference, summary
+from moe_core.perf.scale import ScaleRunner, default_runner, load_reference, summary
 
 from .published_chart import published_chart
 

@@ -22,8 +22,9 @@ from collections import OrderedDict
 import param
 from panel.custom import JSComponent
 
-from moe_core.routing import SCHEMES
+from moe_core.model.routing import SCHEMES
 
+from ..state import corpus_profile
 from .palette import expert_colors, text_color, tint
 
 PLAY_SPEEDS_MS = {"slow": 1400, "normal": 800, "fast": 300}
@@ -46,7 +47,7 @@ def _permille(rows) -> list:
 def screen_data(result, model, corpus: dict | None = None) -> dict:
     """The compact record the screen draws: plain JSON, numbers in thousandths.
 
-    `corpus`: the model's held-out profile (`moe_core.profiles`), whose per-expert shares
+    `corpus`: the model's held-out profile (`moe_core.analysis.profiles`), whose per-expert shares
     of all choices are drawn next to this text's load; None when there is none."""
     if result is None:
         return {}
@@ -593,6 +594,32 @@ class RouterScreen(JSComponent):
       .screen { grid-template-columns: minmax(0, 1fr); grid-template-areas: "decide" "tokens" "load" "counters"; }
     }
     """]
+
+    def follow(self, state) -> RouterScreen:
+        """Show `state` (a RouterState) from now on: its routing, token and layer, and send the token or layer
+        picked in the browser back to it. Values come over the websocket: one the page could not have sent (a
+        layer the model lacks, a token past the end) is put back, never raised on."""
+
+        def draw(event=None):
+            if state.result is not None:
+                self.param.update(data=screen_json(state.result, state.model, corpus_profile(state.model)),
+                                  selected=state.selected_token, layer=state.layer)
+
+        def picked(event):
+            n = len(state.result.tokens) if state.result is not None else 1
+            if event.name == "layer" and event.new in state.param.layer.objects:
+                state.layer = event.new
+            elif event.name == "selected" and 0 <= event.new < n:
+                state.selected_token = event.new
+            else:
+                self.param.update(layer=state.layer, selected=state.selected_token)
+
+        state.param.watch(draw, ["result"])
+        state.param.watch(lambda e: self.param.update(selected=state.selected_token, layer=state.layer),
+                          ["selected_token", "layer"])
+        self.param.watch(picked, ["selected", "layer"])
+        draw()
+        return self
 
 
 __all__ = ["RouterScreen", "screen_data", "screen_json", "per_token_text", "PLAY_SPEEDS_MS"]

@@ -16,7 +16,7 @@ def _num(x: float, digits: int = 3) -> str:
 
 
 def walkthrough_html(d: dict) -> str:
-    """The walkthrough dict of `moe_core.explain.router_walkthrough` as a step-by-step panel."""
+    """The walkthrough dict of `moe_core.analysis.explain.router_walkthrough` as a step-by-step panel."""
     n = d["n_experts"]
     chosen = set(d["experts"])
     score = "softmax over all experts" if d["score"] == "softmax" else "sigmoid per expert (DeepSeek-V3)"

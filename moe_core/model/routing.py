@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -567,7 +568,7 @@ def _balanced_assignment(scores, lo: int, hi: int):
     token-by-slot `linear_sum_assignment` needs minutes. If the solver ever
     returns a fractional vertex, we fall back to linear_sum_assignment.
     """
-    import numpy as np
+    # scipy (about 0.3 s to import) is deferred on purpose: only BASE routing needs it
     from scipy import sparse
     from scipy.optimize import linear_sum_assignment, linprog
 

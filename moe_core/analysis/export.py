@@ -19,7 +19,8 @@ import io
 import json
 import keyword
 
-from .inference import MAX_TOKENS
+from ..inference import MAX_TOKENS
+from ..model.checkpoint import list_checkpoints
 
 # The CSV columns, in order, and what each one means (the app lists them beside the download).
 CSV_COLUMNS = {
@@ -38,6 +39,20 @@ CSV_COLUMNS = {
 
 # Characters that make a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")  # OWASP list, plus LF like CR
+
+
+# JSON keys written before each concept had one name: traces and runs saved then read as today's names
+RENAMED_KEYS = {"n_layers": "n_layer", "active": "active_per_token", "published_active": "published_active_per_token",
+                "variant": "balancing", "k": "top_k", "cf": "capacity_factor"}
+
+
+def current_keys(doc):
+    """A JSON document saved by an older version, with every renamed key under today's name."""
+    if isinstance(doc, dict):
+        return {RENAMED_KEYS.get(k, k): current_keys(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [current_keys(v) for v in doc]
+    return doc
 
 
 def trace_dict(result, model) -> dict:
@@ -126,7 +141,6 @@ def to_bytes(text: str) -> bytes:
 
 def _model_name_and_config(model, shipped: bool | None):
     """(name, MoEConfig or None, shipped?) from a LoadedModel, a model-info dict or a name."""
-    from .checkpoint import list_checkpoints
 
     if isinstance(model, str):
         name, config = model, None
@@ -192,7 +206,7 @@ def pytorch_snippet(model, request: dict, text: str, *, truncate: bool = False,
 
     lines = ["# MoE Router Lab: route a text the way the dashboard did (pip install -e . in the repository)"]
     if shipped:
-        lines += ["from moe_core.checkpoint import load",
+        lines += ["from moe_core.model.checkpoint import load",
                   "from moe_core.inference import route_text",
                   "",
                   f"model = load({name!r})  # a shipped checkpoint in assets/checkpoints"]
@@ -200,7 +214,7 @@ def pytorch_snippet(model, request: dict, text: str, *, truncate: bool = False,
         lines += ["# This model was trained in your browser session's lab: use the lab's model download",
                   "# (a zip with lab-model.json and lab-model.safetensors), unzipped next to this script.",
                   "# The file stores weights in float16, so a near-tie between two experts may route differently.",
-                  "from moe_core.checkpoint import load_file",
+                  "from moe_core.model.checkpoint import load_file",
                   "from moe_core.inference import route_text",
                   "",
                   f"model = load_file({name!r})"]
@@ -224,7 +238,7 @@ def pytorch_snippet(model, request: dict, text: str, *, truncate: bool = False,
         lines += ["",
                   "# The same routing on a bare, freshly initialised layer of this model's shape:",
                   "import torch",
-                  "from moe_core.layer import MoELayer",
+                  "from moe_core.model.layer import MoELayer",
                   "",
                   f"layer = MoELayer({', '.join(layer_args)}).eval()",
                   f"y, routing = layer(torch.randn(len(result.tokens), {config.d_model}))  # y: [tokens, d_model]"]

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .analysis import nmi
 from .metrics import balance_metrics
+from .specialisation import nmi
 
 
 def compare_results(a, b, *, same_weights: bool) -> list[dict]:

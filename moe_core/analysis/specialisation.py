@@ -4,8 +4,8 @@ Experts in real MoE language models specialise in token-level, syntactic
 patterns (digits, punctuation, indentation, word pieces), not in human topics
 like "maths" or "biology" (Mixtral paper, section 5; OLMoE section 5). We
 measure that on held-out text: the normalised mutual information between each
-token's top-1 expert and its category (digit, punctuation, whitespace,
-capitalised word, Python keyword, other).
+token's top-1 expert and its coarse category (moe_core.data.categories: digit,
+punctuation, whitespace, capitalised word, Python keyword, other).
 """
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from collections import Counter
 
 import numpy as np
 
-from .inference import route_ids
+from ..data.categories import COARSE_CATEGORIES, coarse_category
+from ..data.tokenizer import get_tokenizer
+from ..inference import evaluate, route_ids
+from .metrics import balance_metrics
 
 
 def entropy(labels: np.ndarray) -> float:
@@ -51,12 +54,11 @@ def nmi(a, b) -> float:
 
 def specialisation(model, ids: list[int], *, tokenizer=None, top_tokens: int = 8, **route) -> dict:
     """Per layer: NMI(top-1 expert, token category) and each expert's category mix and top tokens."""
-    from .tokenizer import TOKEN_CATEGORIES, get_tokenizer, token_category
 
     tok = tokenizer or get_tokenizer()
     routings, _ = route_ids(model, ids, **route)
     texts = [tok.token_str(i) for i in ids]
-    cats = np.array([token_category(t) for t in texts])
+    cats = np.array([coarse_category(t) for t in texts])
     layers = []
     for i, r in enumerate(routings):
         top1 = r.top1.numpy()
@@ -70,7 +72,7 @@ def specialisation(model, ids: list[int], *, tokenizer=None, top_tokens: int = 8
                 "expert": e,
                 "top1_tokens": n,
                 "share": n / len(ids),
-                "categories": {c: mix.get(c, 0) / n if n else 0.0 for c in TOKEN_CATEGORIES},
+                "categories": {c: mix.get(c, 0) / n if n else 0.0 for c in COARSE_CATEGORIES},
                 "top_tokens": [[tok.token_str(t), c] for t, c in common],
             })
         layers.append({"layer": i, "nmi_category": nmi(top1, cats), "experts": experts})
@@ -79,7 +81,6 @@ def specialisation(model, ids: list[int], *, tokenizer=None, top_tokens: int = 8
 
 def summarise(spec: dict, max_experts: int = 4) -> list[str]:
     """Short human-readable lines: for each layer, the experts with the most distinctive category."""
-    from .tokenizer import TOKEN_CATEGORIES
 
     lines = []
     for layer in spec["layers"]:
@@ -88,12 +89,12 @@ def summarise(spec: dict, max_experts: int = 4) -> list[str]:
             for c, s in e["categories"].items():
                 overall[c] += s * e["top1_tokens"]
         total = sum(overall.values()) or 1
-        base = {c: overall[c] / total for c in TOKEN_CATEGORIES}
+        base = {c: overall[c] / total for c in COARSE_CATEGORIES}
         notes = []
         for e in layer["experts"]:
             if not e["top1_tokens"]:
                 continue
-            lift = {c: e["categories"][c] / base[c] for c in TOKEN_CATEGORIES if base[c] > 0.01}
+            lift = {c: e["categories"][c] / base[c] for c in COARSE_CATEGORIES if base[c] > 0.01}
             c = max(lift, key=lift.get)
             notes.append((lift[c] * e["categories"][c], e["expert"], c, e["categories"][c]))
         notes.sort(reverse=True)
@@ -104,8 +105,6 @@ def summarise(spec: dict, max_experts: int = 4) -> list[str]:
 
 def model_card(model, data, *, eval_tokens: int = 16384) -> dict:
     """Measured figures for a model card: held-out loss, balance and specialisation per layer."""
-    from .metrics import balance_metrics
-    from .train import evaluate
 
     ids = data.splits["eval"][:eval_tokens].tolist()
     routings, _ = route_ids(model, ids)

@@ -7,14 +7,14 @@ pieces, code keywords, a writing system), not in human subjects: there is no
 arXiv:2401.04088, section 5; OLMoE, Muennighoff et al. 2024,
 arXiv:2409.02060, section 5). A profile lets a student check that on our own
 model: for every layer and expert, the tokens the router sends to it most
-often, and its mix of token categories next to the corpus's own mix, so an
-over-represented category stands out ("digit 71% (corpus 6%)").
+often, and its mix of fine token categories (moe_core.data.categories) next
+to the corpus's own mix, so an over-represented category stands out ("digit 71% (corpus 6%)").
 
 Profiles are computed from the real model on a fixed slice of the held-out
 (eval) corpus split: `n_tokens` tokens in evenly spaced windows of the model's
 context length (the same windows for every model, so profiles compare), routed
 as one routing group with the routing the model was trained with. They are
-cached as JSON in assets/profiles/NAME.json (`python -m moe_core.profiles
+cached as JSON in assets/profiles/NAME.json (`python -m moe_core.analysis.profiles
 --all`), together with a fingerprint of the weights, the training steps and a
 hash of the token slice: `load_profiles` uses the cache only when all of them
 match, and otherwise computes the profile now and says so (`source`).
@@ -30,21 +30,23 @@ import argparse
 import functools
 import hashlib
 import json
-import keyword
 import os
 import sys
 import tempfile
 import time
-import unicodedata
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .checkpoint import ASSETS
-from .inference import MAX_TOKENS, route_overrides, windows
+from ..data import corpus
+from ..data.categories import CATEGORIES, token_category
+from ..data.tokenizer import get_tokenizer
+from ..inference import forward_windows, tokenize, windows
+from ..model.checkpoint import ASSETS, list_checkpoints, load
+from ..model.request import RoutingRequest
+from .specialisation import nmi
 
 PROFILE_DIR = ASSETS / "profiles"
 FORMAT = "moe-router-lab/profiles/1"
@@ -55,94 +57,9 @@ TOP_TOKENS = 12             # most frequent first-choice tokens listed per exper
 DISTINCTIVE_TOKENS = 8      # tokens most often sent to this expert (of those seen >= DISTINCTIVE_MIN times)
 DISTINCTIVE_MIN = 5
 
-# ----------------------------------------------------------------------------- categories
-
-CATEGORIES = (
-    "digit", "newline", "newline+indent", "indentation", "space",
-    "punctuation", "bracket/operator", "code keyword",
-    "capitalised word", "word start", "word piece", "identifier/mixed",
-    "CJK", "Cyrillic", "Greek", "Arabic", "Hebrew", "Devanagari", "other Indic",
-    "Southeast Asian", "other script", "byte fragment", "end of text",
-)
-BRACKETS_OPERATORS = set("()[]{}<>=+-*/%&|^~@!:.,;")  # characters of code structure (see token_category)
-# Python keywords that are also everyday English words count as words, not code: " and" in a
-# sentence is English, and calling it a code keyword would invent a "code expert"
-ENGLISH_KEYWORDS = {"and", "as", "else", "for", "from", "if", "in", "is", "not", "or", "while", "with"}
-_SCRIPTS = {  # first word of the Unicode character name -> category
-    "CJK": "CJK", "HIRAGANA": "CJK", "KATAKANA": "CJK", "HANGUL": "CJK", "IDEOGRAPHIC": "CJK",
-    "CYRILLIC": "Cyrillic", "GREEK": "Greek", "ARABIC": "Arabic", "HEBREW": "Hebrew", "DEVANAGARI": "Devanagari",
-    "BENGALI": "other Indic", "TAMIL": "other Indic", "TELUGU": "other Indic", "GUJARATI": "other Indic",
-    "GURMUKHI": "other Indic", "KANNADA": "other Indic", "MALAYALAM": "other Indic", "SINHALA": "other Indic",
-    "TIBETAN": "other Indic",
-    "THAI": "Southeast Asian", "LAO": "Southeast Asian", "KHMER": "Southeast Asian", "MYANMAR": "Southeast Asian",
-}
-
-
-def token_category(text: str) -> str:
-    """The surface category of one token's text, one of CATEGORIES.
-
-    These categories are ours: a small, deterministic, surface-level
-    classification made to explain routing, not a linguistic analysis and not
-    anything the model was told. The rules, in order:
-
-    - "end of text": the document separator <|endoftext|>.
-    - "byte fragment": the token holds only part of a multi-byte UTF-8
-      character (U+FFFD after decoding with errors="replace"), e.g. half of
-      a CJK character; nothing else about it is visible.
-    - whitespace only: "newline" (only line breaks), "newline+indent" (a line
-      break followed by spaces/tabs: the start of an indented line of code),
-      "indentation" (two or more spaces/tabs), "space" (one space or other).
-    - after stripping surrounding spaces: "digit" (the tokenizer splits
-      numbers into single digits), "bracket/operator" (only characters of
-      BRACKETS_OPERATORS, such as `(`, `==`, `):`), "punctuation" (only other
-      Unicode punctuation/symbols: quotes, #, ...), "code keyword" (a Python
-      keyword such as def, return, None; those that are also everyday English
-      words, ENGLISH_KEYWORDS such as "and", "in", "for", count as words).
-    - letters: the writing system of the first letter decides. Non-Latin
-      scripts get their block's category (CJK includes kana and Hangul; "other
-      Indic" the other Brahmic scripts). Latin letters: "capitalised word"
-      (starts with a capital), "word start" (lowercase, preceded by a space:
-      the beginning of a word) or "word piece" (lowercase, no space: the
-      middle or end of a word split by the tokenizer).
-    - anything else, e.g. `_init`, `x1`, `self.`: "identifier/mixed".
-    """
-    if text == "<|endoftext|>":
-        return "end of text"
-    if "\ufffd" in text and not any(c.isalpha() for c in text.replace("\ufffd", "")):
-        return "byte fragment"
-    if not text:
-        return "byte fragment"
-    s = text.strip()
-    if not s:
-        if set(text) <= {"\n", "\r"}:
-            return "newline"
-        if "\n" in text:
-            return "newline+indent"
-        return "indentation" if len(text) >= 2 else "space"
-    if s.isdigit() and s.isascii():
-        return "digit"
-    if all(c in BRACKETS_OPERATORS for c in s):
-        return "bracket/operator"
-    if all(unicodedata.category(c)[0] in "PS" for c in s):
-        return "punctuation"
-    if keyword.iskeyword(s) and s not in ENGLISH_KEYWORDS:
-        return "code keyword"
-    first = next((c for c in s if c.isalpha() or unicodedata.category(c)[0] == "M"), None)
-    if first is not None:
-        name = unicodedata.name(first, "")
-        if not name.startswith("LATIN"):
-            return _SCRIPTS.get(name.split(" ")[0], "other script")
-        if s.isalpha():
-            if s[0].isupper():
-                return "capitalised word"
-            return "word start" if text[0] == " " else "word piece"
-    return "identifier/mixed"
-
-
 @functools.lru_cache(maxsize=1)
 def _vocab_tables() -> tuple[np.ndarray, list[str]]:
     """Category index of every vocabulary entry, and each entry's readable text (\\xNN for partial bytes)."""
-    from .tokenizer import get_tokenizer
 
     tok = get_tokenizer()
     cats = np.array([CATEGORIES.index(token_category("<|endoftext|>" if i == tok.eot_id else
@@ -157,8 +74,6 @@ def _vocab_tables() -> tuple[np.ndarray, list[str]]:
 @functools.lru_cache(maxsize=1)
 def heldout_ids() -> np.ndarray:
     """The eval split as token ids, documents separated by <|endoftext|> (as train.load_token_data does)."""
-    from . import corpus
-    from .tokenizer import get_tokenizer
 
     tok = get_tokenizer()
     ids: list[int] = []
@@ -236,15 +151,14 @@ def expert_profiles(model, *, n_tokens: int = PROFILE_TOKENS, scheme: str | None
     the router sends where. `share_of_token` = the share of that token's
     occurrences in the slice whose first choice is this expert.
     """
-    from .analysis import nmi
 
     name, net, card = _unwrap(model)
     cfg = net.config
-    scheme, overrides = route_overrides(cfg, scheme, top_k, capacity_factor)
+    request = RoutingRequest.make(cfg, scheme, top_k, capacity_factor)
     t0 = time.perf_counter()
     x, y = heldout_windows(n_tokens, cfg.block_size)
     device = next(net.parameters()).device
-    out = net(x.to(device), y.to(device), return_logits=False, **overrides)
+    routings, heldout_loss = forward_windows(net, x.to(device), y.to(device), None, request)
     ids = x.reshape(-1).numpy()
     T = len(ids)
     cat_of, text_of = _vocab_tables()
@@ -253,8 +167,7 @@ def expert_profiles(model, *, n_tokens: int = PROFILE_TOKENS, scheme: str | None
     base = np.bincount(cats, minlength=C) / T
     token_total = Counter(ids.tolist())
     layers = []
-    for li, r in enumerate(out.routings):
-        r = r.detach().apply(lambda t: t.cpu())
+    for li, r in enumerate(routings):
         N = r.n_experts
         top1 = r.top1.numpy()
         chosen = r.choices.numpy()
@@ -290,10 +203,10 @@ def expert_profiles(model, *, n_tokens: int = PROFILE_TOKENS, scheme: str | None
         "steps": card.get("steps"),
         "n_layer": cfg.n_layer,
         "n_experts": cfg.n_experts,
-        "route": overrides,
+        "route": request.as_dict(),
         "slice": {"split": "eval", "n_tokens": T, "windows": int(x.shape[0]), "block_size": cfg.block_size,
                   "sha256": _sha(x.numpy())},
-        "heldout_loss": round(out.ce_loss.item(), 4),
+        "heldout_loss": round(heldout_loss, 4),
         "categories": list(CATEGORIES),
         "corpus_categories": [round(float(v), 4) for v in base],
         "layers": layers,
@@ -308,7 +221,7 @@ def _cache_matches(doc: dict, net, card: dict, n_tokens: int) -> bool:
         x, _ = heldout_windows(n_tokens, cfg.block_size)
         return (doc.get("format") == FORMAT and doc.get("steps") == card.get("steps")
                 and doc.get("categories") == list(CATEGORIES)
-                and doc.get("route") == route_overrides(cfg)[1]
+                and doc.get("route") == RoutingRequest.make(cfg).as_dict()
                 and doc.get("slice", {}).get("sha256") == _sha(x.numpy())
                 and doc.get("model_fingerprint") == model_fingerprint(net))
     except (AttributeError, TypeError):
@@ -374,21 +287,6 @@ def _check_index(what: str, v, n: int) -> int:
     return int(v)
 
 
-@torch.no_grad()
-def _losses(net, x, y, mask, **overrides):
-    """Per-token next-token loss (nats; NaN where there is no target) and the routing of every layer.
-
-    Tokens are in routing order: the real (masked) tokens of x, flattened.
-    """
-    out = net(x, None, mask=mask, **overrides)
-    logits = out.logits                                            # (W, T, vocab)
-    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1).clamp(min=0), reduction="none")
-    ce = torch.where(y.reshape(-1) >= 0, ce, torch.full_like(ce, float("nan")))
-    if mask is not None:
-        ce = ce[mask.reshape(-1)]
-    return ce.cpu(), [r.detach().apply(lambda t: t.cpu()) for r in out.routings]
-
-
 def _nanmean(t: torch.Tensor) -> float | None:
     t = t[~torch.isnan(t)]
     return round(t.mean().item(), 4) if t.numel() else None
@@ -410,22 +308,19 @@ def ablate(model, layer: int, expert: int, *, text: str | None = None, n_tokens:
     `first_choice_tokens`. `top1_changed_later` = share of tokens whose first
     choice changed in each later layer (the knock-on effect).
     """
-    from .tokenizer import get_tokenizer
 
     name, net, _ = _unwrap(model)
     cfg = net.config
     layer = _check_index("layer", layer, cfg.n_layer)
     expert = _check_index("expert", expert, cfg.n_experts)
-    scheme, overrides = route_overrides(cfg, scheme, top_k, capacity_factor)
+    request = RoutingRequest.make(cfg, scheme, top_k, capacity_factor)
+    switched_off = RoutingRequest.make(cfg, scheme, top_k, capacity_factor, disabled_experts={layer: [expert]})
     device = next(net.parameters()).device
     t0 = time.perf_counter()
     truncated = False
     if text is not None:
-        if not isinstance(text, str) or not text:
-            raise ValueError("the text is empty: type or paste something to ablate on")
-        ids = get_tokenizer().encode(text)
-        truncated = len(ids) > MAX_TOKENS
-        ids = ids[:MAX_TOKENS]
+        tokens, n_total = tokenize(text, truncate=True)
+        ids, truncated = [t.id for t in tokens], n_total > len(tokens)
         if len(ids) < 2:
             raise ValueError("the text has fewer than 2 tokens: there is no next token to measure a loss on")
         x, y, mask = windows(ids, cfg.block_size, device)
@@ -436,8 +331,8 @@ def ablate(model, layer: int, expert: int, *, text: str | None = None, n_tokens:
         x, y = heldout_windows(n_tokens, cfg.block_size)
         x, y, mask = x.to(device), y.to(device), None
         source = "held-out"
-    ce_on, r_on = _losses(net, x, y, mask, **overrides)
-    ce_off, r_off = _losses(net, x, y, mask, disabled_experts={layer: [expert]}, **overrides)
+    r_on, _, ce_on = forward_windows(net, x, y, mask, request, per_token_loss=True)
+    r_off, _, ce_off = forward_windows(net, x, y, mask, switched_off, per_token_loss=True)
     first = r_on[layer].top1
     sel = first == expert
     moved = r_off[layer].top1[sel]
@@ -446,8 +341,8 @@ def ablate(model, layer: int, expert: int, *, text: str | None = None, n_tokens:
         "model": name,
         "layer": layer,
         "expert": expert,
-        "scheme": scheme,
-        "route": overrides,
+        "scheme": request.scheme,
+        "route": request.as_dict(),
         "source": source,
         "n_tokens": int(first.numel()),
         "truncated": truncated,
@@ -474,7 +369,6 @@ def ablate(model, layer: int, expert: int, *, text: str | None = None, n_tokens:
 
 def build(names: list[str] | None = None, directory: Path | None = None, *, log=print) -> list[Path]:
     """Compute and write the profiles of the named (default: all shipped) checkpoints."""
-    from .checkpoint import list_checkpoints, load
 
     names = names or [d["name"] for d in list_checkpoints()]
     paths = []
@@ -487,9 +381,8 @@ def build(names: list[str] | None = None, directory: Path | None = None, *, log=
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import list_checkpoints, load
 
-    ap = argparse.ArgumentParser(prog="python -m moe_core.profiles",
+    ap = argparse.ArgumentParser(prog="python -m moe_core.analysis.profiles",
                                  description="Build or check the cached expert profiles (assets/profiles).")
     ap.add_argument("names", nargs="*", help="checkpoint names (default with --all: every shipped checkpoint)")
     ap.add_argument("--all", action="store_true", help="every shipped checkpoint")

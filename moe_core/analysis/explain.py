@@ -18,26 +18,25 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoint import LoadedModel
-from .inference import route_overrides, windows
+from ..inference import route_ids, tokenize
+from ..model.checkpoint import LoadedModel
+from ..model.request import RoutingRequest, resolve
 
 SHOW_DIMS = 6  # output dimensions printed in the walkthrough (d_model is 128: a few are enough)
 
 
 @torch.no_grad()
-def router_walkthrough(model: LoadedModel, text: str, token: int, layer: int, *, scheme: str | None = None,
-                       top_k: int | None = None, capacity_factor: float | None = None,
+def router_walkthrough(model: LoadedModel, text: str, token: int, layer: int, request: RoutingRequest | None = None,
+                       *, scheme: str | None = None, top_k: int | None = None, capacity_factor: float | None = None,
                        max_tokens: int = 4096) -> dict:
     """Every intermediate number of one token's trip through MoE layer `layer` (see module doc)."""
-    from .tokenizer import get_tokenizer
 
-    if not isinstance(text, str) or not text:
-        raise ValueError("the text is empty: type or paste something to route")
     cfg = model.config
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layer:
         raise ValueError(f"layer must be between 0 and {cfg.n_layer - 1}, got {layer!r}")
-    scheme, overrides = route_overrides(cfg, scheme, top_k, capacity_factor)
-    tokens = get_tokenizer().tokenize(text)[:max_tokens]
+    request = resolve(cfg, request, scheme=scheme, top_k=top_k, capacity_factor=capacity_factor)
+    scheme = request.scheme
+    tokens, _ = tokenize(text, max_tokens=max_tokens, truncate=True)
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < len(tokens):
         raise ValueError(f"token must be between 0 and {len(tokens) - 1}, got {token!r}")
 
@@ -50,9 +49,7 @@ def router_walkthrough(model: LoadedModel, text: str, token: int, layer: int, *,
 
     handle = moe.register_forward_hook(hook)
     try:
-        device = next(net.parameters()).device
-        x, _, mask = windows([t.id for t in tokens], cfg.block_size, device)
-        net(x, mask=mask, return_logits=False, **overrides)
+        route_ids(net, [t.id for t in tokens], request)
     finally:
         handle.remove()
 
@@ -81,7 +78,7 @@ def router_walkthrough(model: LoadedModel, text: str, token: int, layer: int, *,
     chosen_probs = [float(probs[e]) for e in idx]
     return {
         "token": token, "token_text": tokens[token].text, "layer": layer, "scheme": scheme,
-        "top_k": overrides.get("top_k"), "n_experts": cfg.n_experts,
+        "top_k": request.top_k, "n_experts": cfg.n_experts,
         "logits": logits.tolist(), "probs": probs.tolist(),
         "score": "sigmoid" if scheme == "deepseek" else "softmax",
         "chosen": chosen, "dropped": dropped, "experts": idx, "weights": w,

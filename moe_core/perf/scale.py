@@ -11,7 +11,7 @@ measures both sides on the real `MoELayer`:
     start_background_measurement()   the same in a low-priority thread, once per process, cached on disk
     load_reference()                 a measurement shipped with the project (assets/scale/reference.json)
 
-    python -m moe_core.scale --out assets/scale/reference.json   re-measure the shipped reference
+    python -m moe_core.perf.scale --out assets/scale/reference.json   re-measure the shipped reference
 
 The sizes are small on purpose (a few seconds on one CPU thread) so the app can
 measure the server it runs on while students use it. Like `moe-lab bench`
@@ -21,6 +21,7 @@ students' own requests do not bend the curve.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -32,12 +33,12 @@ from pathlib import Path
 
 import torch
 
+from ..model.checkpoint import ASSETS
+from ..model.layer import DenseFFN, MoELayer
 from .bench import interleaved_medians, machine
-from .checkpoint import ASSETS
-from .layer import DenseFFN, MoELayer
 from .pages import describe, mallctl, pages_kept
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CACHE_PATH = Path(os.environ.get("MOE_LAB_SCALE_CACHE", ROOT / "artifacts" / "scale_cache.json"))
 REFERENCE_PATH = ASSETS / "scale" / "reference.json"
 REFERENCE_LABEL = "this CI-class 2-core VM"
@@ -106,7 +107,7 @@ def measure_scale(n_values=tuple(DEFAULT_CONFIG["n_values"]), *, top_k: int = DE
     # thread CPU time counts only this thread's work: right for one torch thread, not for more
     cpu_clock = dev.type == "cpu" and torch.get_num_threads() == 1
     clock = time.thread_time if cpu_clock else time.perf_counter
-    with pages_kept() as kept:          # else the allocator's page faults bend the curve (moe_core/pages.py)
+    with pages_kept() as kept:          # else the allocator's page faults bend the curve (moe_core/perf/pages.py)
         ms = interleaved_medians(fns, repeats, dev, clock, on_round=progress)
     bytes_per = x.element_size()
     rows = []
@@ -301,9 +302,8 @@ def measurement_status() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    p = argparse.ArgumentParser(prog="python -m moe_core.scale", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m moe_core.perf.scale", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(REFERENCE_PATH),
                    help="where to write the JSON (default: the shipped reference)")
     p.add_argument("--label", default=REFERENCE_LABEL, help="where it was measured, shown in the app")

@@ -20,9 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .model import MoEConfig, MoEGPT
+from .gpt import MoEConfig, MoEGPT
 
-ASSETS = Path(os.environ.get("MOE_LAB_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
+ASSETS = Path(os.environ.get("MOE_LAB_ASSETS", Path(__file__).resolve().parents[2] / "assets"))
 CHECKPOINT_DIR = ASSETS / "checkpoints"
 MAX_WEIGHTS_BYTES = 512 * 1024 * 1024   # refuse bigger weight files
 MAX_JSON_BYTES = 1024 * 1024             # refuse bigger metadata files
@@ -49,7 +49,7 @@ class LoadedModel:
             "n_experts": self.config.n_experts,
             "top_k_trained": self.config.top_k if self.config.scheme not in ("switch", "base") else 1,
             "scheme_trained": self.config.scheme,
-            "n_layers": self.config.n_layer,
+            "n_layer": self.config.n_layer,
             "trained": self.trained,
             "recipe": self.recipe.get("balancing", "unknown"),
         }

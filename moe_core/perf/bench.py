@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -20,7 +21,14 @@ from collections.abc import Callable
 
 import torch
 
-from .layer import DenseFFN, MoELayer, pick_device
+from ..data.corpus import load_text
+from ..data.tokenizer import get_tokenizer
+from ..data.tokens import load_token_data
+from ..inference import route_text
+from ..model.checkpoint import load
+from ..model.layer import DenseFFN, MoELayer, expert_loop, pick_device
+from ..train.loop import make_configs, train
+from .experts import PARALLEL_MIN_EXPERTS, PARALLEL_MIN_ROWS, run_experts
 
 # Reference figures quoted in the project's issue: HF transformers' eager Mixtral
 # expert loop on this kind of 2-core machine, 8192 tokens, d_model 256, d_ff 512, k = 2,
@@ -45,7 +53,6 @@ def keep_freed_memory(trim_mb: int = 1024) -> str:
     the glibc setting for it, the effect PyTorch's CPU tuning guide gets by preloading jemalloc or
     tcmalloc. It applies to the whole process, so every configuration timed (ours, the dense FFN,
     the HF baseline) gets it alike. Returns what was set ("" where the C library is not glibc)."""
-    import ctypes
 
     try:
         libc = ctypes.CDLL(None)
@@ -176,7 +183,7 @@ def hf_baseline(layer: MoELayer) -> tuple[Callable[[torch.Tensor], torch.Tensor]
         raise ValueError("the HF Mixtral baseline computes softmax top-k (renormalised) with SwiGLU experts "
                          "and no shared experts; this layer computes something else")
     ex, f, device = layer.experts, layer.d_ff, layer.router.weight.device
-    try:
+    try:  # transformers is an optional benchmark dependency, deferred on purpose
         import transformers
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -250,9 +257,39 @@ def bench_layer(n_experts=(4, 8, 16, 64, 256), *, k=2, d_model=256, d_ff=512, to
             "moe": rows, "ratios": ratios}
 
 
+@torch.no_grad()
+def bench_grouped_mm(n_experts=(8, 256), *, k=2, d_model=256, d_ff=512, tokens=8192, repeats=7) -> dict:
+    """The routed experts alone on the CPU (routing done once, untimed): `run_experts` as it runs here
+    (threads from PARALLEL_MIN_EXPERTS experts on, else one expert at a time) against the same function
+    made to use torch.nn.functional.grouped_mm, and against DeepSeek's loop (`expert_loop`), in
+    interleaved rounds (`interleaved_times`). `scripts/bench_grouped_mm.py` runs it."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d_model)
+    fns, paths = {}, {}
+    for N in n_experts:
+        layer = MoELayer(d_model, d_ff, N, k).eval()
+        r = layer.route(x)
+        a = (layer.experts, x, r.indices, r.weights)
+        fns[("ours", N)] = lambda a=a: run_experts(*a)
+        fns[("grouped_mm", N)] = lambda a=a: run_experts(*a, grouped_mm=True)
+        fns[("loop", N)] = lambda a=a: expert_loop(*a)
+        active, pairs = len(r.indices[r.indices >= 0].unique()), int((r.indices >= 0).sum())
+        on_threads = torch.get_num_threads() > 1 and active >= PARALLEL_MIN_EXPERTS and pairs >= PARALLEL_MIN_ROWS
+        paths[N] = f"threads ({torch.get_num_threads()})" if on_threads else "one expert at a time"
+    times = interleaved_times(fns, repeats, cpu)
+    rows = []
+    for N in n_experts:
+        med = {f"{key}_ms": round(statistics.median(times[(key, N)]), 1) for key in ("ours", "grouped_mm", "loop")}
+        rows.append({"n_experts": N, "path": paths[N], **med,
+                     "grouped_mm_over_ours": round(paired_ratio(times, ("grouped_mm", N), ("ours", N)), 3),
+                     "loop_over_ours": round(paired_ratio(times, ("loop", N), ("ours", N)), 3)})
+    return {"config": {"k": k, "d_model": d_model, "d_ff": d_ff, "tokens": tokens, "device": "cpu",
+                       "dtype": "float32", "rounds": repeats}, "machine": machine(), "experts": rows}
+
+
 def bench_train(preset: str = "moe-n8", steps: int = 12, device: str = "cpu") -> dict:
     """Training tokens/s of a preset's model on the real corpus (median over steps after warm-up)."""
-    from .train import load_token_data, make_configs, train
 
     model_cfg, cfg, _ = make_configs(preset, steps=steps, eval_interval=0, eval_batches=1, device=device)
     stamps = []
@@ -266,10 +303,6 @@ def bench_train(preset: str = "moe-n8", steps: int = 12, device: str = "cpu") ->
 
 def bench_route(model_name: str = "moe-n8", n_tokens: int = 512, repeats: int = 7) -> dict:
     """Server-side routing latency of a text of `n_tokens` tokens through the shipped model."""
-    from .checkpoint import load
-    from .corpus import load_text
-    from .inference import route_text
-    from .tokenizer import get_tokenizer
 
     tok = get_tokenizer()
     toks = tok.tokenize(load_text("eval")[:20000])[:n_tokens]

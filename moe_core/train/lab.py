@@ -2,7 +2,7 @@
 
 No Panel here: the app polls `Job.snapshot()` and draws. A job trains one or two
 recipes (two = side-by-side compare, same seed and batches) in a background
-thread with the ordinary `moe_core.train.train` loop.
+thread with the ordinary `moe_core.train.loop.train` loop.
 
 Classroom limits (one server, many students):
 - `JobManager(max_running)`: at most `max_running` jobs train at once (env
@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .model import MoEConfig
-from .pages import pages_kept
-from .routing import SCHEMES
-from .train import StepInfo, TrainConfig, Trainer, load_token_data
+from ..data.tokens import load_token_data
+from ..model.gpt import MoEConfig
+from ..model.routing import SCHEMES
+from ..perf.pages import pages_kept
+from .loop import StepInfo, TrainConfig, Trainer
 
 MAX_STEPS = 2000
 MAX_EXPERTS = 64
@@ -49,10 +50,10 @@ class Recipe:
     top_k: int = 2
     scheme: str = "softmax_topk"
     balancing: str = "none"
-    aux_coef: float = 0.01          # load-balancing loss weight
-    z_coef: float = 0.001           # router z-loss weight
-    cv_coef: float = 0.01           # Shazeer CV^2 weight
-    gamma: float = 0.01             # DeepSeek bias update rate
+    aux_loss_coef: float = 0.01          # load-balancing loss weight
+    z_loss_coef: float = 0.001           # router z-loss weight
+    cv_loss_coef: float = 0.01           # Shazeer CV^2 weight
+    bias_update_rate: float = 0.01       # DeepSeek bias update rate (gamma)
     capacity_factor: float = 1.25   # for capacity schemes
     steps: int = 300
     seed: int = 0
@@ -71,7 +72,7 @@ class Recipe:
             raise ValueError("the CV\u00b2 losses belong to noisy top-k gating (Shazeer 2017): pick that scheme")
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise ValueError(f"steps must be from 1 to {MAX_STEPS}")
-        for name in ("aux_coef", "z_coef", "cv_coef", "gamma", "capacity_factor", "lr"):
+        for name in ("aux_loss_coef", "z_loss_coef", "cv_loss_coef", "bias_update_rate", "capacity_factor", "lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v != v or v < 0 or v > 100:
                 raise ValueError(f"{name} must be a number from 0 to 100, got {v!r}")
@@ -86,10 +87,10 @@ class Recipe:
             top_k=(s.fixed_k or self.top_k) if not s.uses_k else self.top_k,
             scheme=self.scheme,
             capacity_factor=float(self.capacity_factor) if s.uses_capacity else None,
-            aux_loss_coef=float(self.aux_coef) if self.balancing == "load_balance" else 0.0,
-            z_loss_coef=float(self.z_coef) if self.balancing in ("z_loss", "load_balance") else 0.0,
-            cv_loss_coef=float(self.cv_coef) if self.balancing == "cv" else 0.0,
-            bias_update_rate=float(self.gamma) if self.balancing == "deepseek_bias" else 0.0,
+            aux_loss_coef=float(self.aux_loss_coef) if self.balancing == "load_balance" else 0.0,
+            z_loss_coef=float(self.z_loss_coef) if self.balancing in ("z_loss", "load_balance") else 0.0,
+            cv_loss_coef=float(self.cv_loss_coef) if self.balancing == "cv" else 0.0,
+            bias_update_rate=float(self.bias_update_rate) if self.balancing == "deepseek_bias" else 0.0,
         )
 
     def train_config(self) -> TrainConfig:
@@ -102,7 +103,7 @@ class Recipe:
         return f"{s.label}{k}, N={self.n_experts}, {BALANCING[self.balancing]}"
 
 
-PRESETS: dict[str, Recipe] = {
+RECIPES: dict[str, Recipe] = {
     "Collapse (no balancing)": Recipe(balancing="none"),
     "Switch aux loss": Recipe(scheme="switch", top_k=1, balancing="load_balance"),
     "DeepSeek bias": Recipe(scheme="deepseek", balancing="deepseek_bias"),
@@ -221,7 +222,7 @@ class Job:
 
     def _work(self) -> None:
         # the steps free and re-allocate the same big buffers: keep their pages (a quarter of a step's
-        # time under the server's jemalloc went to mapping them again; see moe_core/pages.py)
+        # time under the server's jemalloc went to mapping them again; see moe_core/perf/pages.py)
         with pages_kept():
             self._train()
 
@@ -327,4 +328,4 @@ def manager() -> JobManager:
         return _manager
 
 
-__all__ = ["Recipe", "PRESETS", "BALANCING", "Job", "JobManager", "manager", "status", "MAX_STEPS"]
+__all__ = ["Recipe", "RECIPES", "BALANCING", "Job", "JobManager", "manager", "status", "MAX_STEPS"]

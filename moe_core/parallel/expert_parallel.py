@@ -42,7 +42,7 @@ Running it:
     moe-lab route --expert-parallel 2 "def f(x): return 42" --json
     moe-lab train --preset tiny --expert-parallel 2
     python -m torch.distributed.run --standalone --nproc-per-node 4 \
-        -m moe_core.parallel record --model moe-n8-switch --out assets/parallel/moe-n8-switch-p4.json
+        -m moe_core.parallel.expert_parallel record --model moe-n8-switch --out assets/parallel/moe-n8-switch-p4.json
 
 `moe-lab route/train --expert-parallel P` starts `torchrun --standalone
 --nproc-per-node P` itself when it is not already running under torchrun
@@ -61,13 +61,16 @@ Things to know:
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -77,9 +80,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .inference import RouteResult
-from .layer import Experts, MoELayer, Router
-from .routing import Routing
+from ..analysis.export import trace_json
+from ..analysis.metrics import balance_metrics
+from ..analysis.specialisation import model_card
+from ..data.tokens import load_token_data
+from ..inference import RouteResult, params_of, tokenize, windows
+from ..model.checkpoint import list_checkpoints, load, save
+from ..model.gpt import MoEConfig, MoEGPT
+from ..model.layer import Experts, MoELayer, Router, pick_device
+from ..model.request import RoutingRequest
+from ..model.routing import Routing
+from ..perf.experts import run_experts
+from ..train.loop import Trainer, train
 
 TEXT_FILE_ENV = "MOE_LAB_EP_TEXT_FILE"  # how a self-launched route run hands the text to its processes
 MAX_LOCAL_PROCESSES = 16   # self-launched torchrun on one machine: more processes only thrash the CPUs
@@ -98,7 +110,6 @@ def init(device: str = "cpu") -> torch.device:
 
     `device` is "cpu", "cuda" or "auto" (CUDA when available). Calling it again returns the same device.
     """
-    from .layer import pick_device
 
     if str(device) == "mps" or pick_device(device).type == "mps":
         device = "cpu"   # no torch.distributed backend runs on Apple GPUs: experts stay on the CPU
@@ -340,15 +351,10 @@ class ExpertParallelMoE(MoELayer):
         t0 = time.perf_counter()
         x_recv = all_to_all(x2[tokens], send, recv, self.group)   # rows in (source rank, expert) order
         t1 = time.perf_counter()
-        # regroup by local expert (expert-major) so each expert runs one matmul
-        block = recv_by.flatten()
-        offsets = (block.cumsum(0) - block).view(self.world, E).tolist()
-        sizes_by = recv_by.tolist()
-        perm = [torch.arange(offsets[s][e], offsets[s][e] + sizes_by[s][e], device=x2.device)
-                for e in range(E) for s in range(self.world)]
-        perm = torch.cat(perm) if perm else torch.zeros(0, dtype=torch.long, device=x2.device)
-        out = self.experts(x_recv[perm], recv_by.sum(0).tolist())
-        out = out[torch.argsort(perm)]                            # back to (source rank, expert) order
+        # the local expert of each received row (they come in (source rank, expert) blocks): run_experts
+        # gives every row its expert's output, in the order received (weight 1: the sender applies w)
+        local = torch.arange(E, device=x2.device).repeat(self.world).repeat_interleave(recv_by.flatten())
+        out = run_experts(self.experts, x_recv, local[:, None], x_recv.new_ones(len(local), 1))
         t2 = time.perf_counter()
         y_pairs = all_to_all(out, recv, send, self.group)         # my pairs' results, in my send order
         t3 = time.perf_counter()
@@ -365,8 +371,6 @@ class ExpertParallelMoE(MoELayer):
             exchange_s=(t1 - t0) + (t3 - t2), expert_s=t2 - t1)
         return y.view(shape), routing
 
-    def forward_reference(self, *args, **kwargs):
-        raise NotImplementedError("forward_reference needs every expert; use the single-process MoELayer")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}/{self.world}, experts={self.local_experts}"
@@ -402,7 +406,6 @@ def gather_state_dict(model: nn.Module, group=None) -> dict[str, Tensor]:
 
 def unshard_model(model: nn.Module, group=None) -> nn.Module:
     """A plain single-process copy of a sharded MoEGPT (every rank must call it)."""
-    from .model import MoEGPT
 
     state = gather_state_dict(model, group)
     full = MoEGPT(model.config)
@@ -418,21 +421,20 @@ def collect_stats(model: nn.Module) -> list[ExchangeStats]:
 
 
 @torch.no_grad()
-def route_ids_parallel(model: nn.Module, ids: list[int], group=None, **overrides):
+def route_ids_parallel(model: nn.Module, ids: list[int], request: RoutingRequest, group=None):
     """`inference.route_ids` for a sharded model: windows are split over ranks in contiguous blocks.
 
     Windows keep their order (rank 0 the first ones), so the concatenated
     tokens, and with them the routing group, are those of the single process.
     Returns (routings of the whole text, mean next-token loss, per-layer ExchangeStats).
     """
-    from .inference import windows
 
     device = next(model.parameters()).device
     x, y, mask = windows(ids, model.config.block_size, device)
     p, r = dist.get_world_size(group), dist.get_rank(group)
     per = -(-x.shape[0] // p)                              # windows per rank (the last ranks may get fewer)
     sl = slice(r * per, (r + 1) * per)
-    out = model(x[sl], y[sl] if len(ids) > 1 else None, mask=mask[sl], return_logits=False, **overrides)
+    out = model(x[sl], y[sl] if len(ids) > 1 else None, mask=mask[sl], return_logits=False, request=request)
     routings = [rt.detach().apply(lambda t: t.cpu()) for rt in out.routings]
     loss = None
     if out.ce_loss is not None:
@@ -464,31 +466,20 @@ def route_text_parallel(model, text: str, *, scheme=None, top_k=None, capacity_f
     The result has the same routing, loss and JSON as the single-process one,
     plus an "expert_parallel" block (placement, traffic, loads, drops).
     """
-    from .inference import MAX_TOKENS, route_overrides
-    from .params import count_params
-    from .tokenizer import get_tokenizer
 
-    if not isinstance(text, str) or not text:
-        raise ValueError("the text is empty: type or paste something to route")
-    scheme, overrides = route_overrides(model.config, scheme, top_k, capacity_factor)
-    tokens = get_tokenizer().tokenize(text)
-    if len(tokens) > MAX_TOKENS:
-        raise ValueError(f"the text has {len(tokens)} tokens; the limit is {MAX_TOKENS} tokens per request")
-    params = count_params(model.model, top_k=overrides.get("top_k"), scheme=scheme,
-                          capacity_factor=overrides.get("capacity_factor"))
+    request = RoutingRequest.make(model.config, scheme, top_k, capacity_factor)
+    tokens, _ = tokenize(text)
     sharded = shard_model(_copy_model(model.model), group)
-    routings, loss, stats = route_ids_parallel(sharded, [t.id for t in tokens], group, **overrides)
+    routings, loss, stats = route_ids_parallel(sharded, [t.id for t in tokens], request, group)
     summary = _summary(stats, group)
     if dist.get_rank(group) != 0:
         return None
-    return ParallelRouteResult(tokens, routings, loss, scheme, overrides.get("top_k"),
-                               overrides.get("capacity_factor"), False, len(tokens), params,
+    return ParallelRouteResult(tokens, routings, loss, request, False, len(tokens), params_of(model, request),
                                expert_parallel=summary)
 
 
 def _copy_model(model):
     """A private copy to shard (loaded checkpoints are shared, read-only, per process)."""
-    import copy
 
     return copy.deepcopy(model)
 
@@ -555,106 +546,79 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group=None) -> float:
     return norm.item()
 
 
-def train_step(model, opt, x: Tensor, y: Tensor, grad_clip: float, group=None):
-    """One expert-parallel optimizer step on this rank's share (x, y) of the global batch."""
-    out = model(x, y, return_logits=False)
-    opt.zero_grad(set_to_none=True)
-    out.loss.backward()
-    sync_gradients(model, group)
-    clip_grad_norm(model, grad_clip, group)
-    opt.step()
-    if model.config.bias_update_rate:
-        model.update_expert_bias(out.routings)      # global routings: the same bias step on every rank
-    return out
-
-
 def _rows_of(n: int, p: int, r: int) -> slice:
     per = -(-n // p)
     return slice(r * per, (r + 1) * per)
 
 
-@torch.no_grad()
-def evaluate_parallel(model, data, batches: int, batch_size: int = 16, group=None) -> float:
-    """`train.evaluate` for a sharded model: each 16-window batch is one routing group split over ranks."""
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    p, r = dist.get_world_size(group), dist.get_rank(group)
-    x, y = data.eval_windows(model.config.block_size, batches * batch_size)
-    total = torch.zeros(2, dtype=torch.float64)
-    for xs, ys in zip(x.split(batch_size), y.split(batch_size)):
-        sl = _rows_of(xs.shape[0], p, r)
-        out = model(xs[sl].to(device), ys[sl].to(device), return_logits=False)
-        total += torch.tensor([out.ce_loss.item() * ys[sl].numel(), ys[sl].numel()], dtype=torch.float64)
-    dist.all_reduce(total, group=group)
-    model.train(was)
-    return (total[0] / total[1]).item()
+class ExpertParallelTrainer(Trainer):
+    """The one training loop (`train.loop.Trainer`) with the experts spread over the ranks.
+
+    Every rank builds the same initial model (same seed) and draws the same global batch; rank r trains
+    on rows [r*B/P, (r+1)*B/P). Same data, same routing group and same loss as the single process: the
+    replicated gradients are averaged, the norm is clipped over the whole model, and the losses and
+    held-out evaluation are averaged over the ranks. `traffic[step]` = what each layer exchanged.
+    """
+
+    def __init__(self, model_cfg, cfg, *, data=None, group=None):
+        self.group = group
+        self.p, self.r = dist.get_world_size(group), dist.get_rank(group)
+        check_expert_parallel(model_cfg.n_experts, self.p)
+        if cfg.batch_size % self.p:
+            raise ValueError(f"batch size {cfg.batch_size} must be divisible by the {self.p} processes")
+        device = init(cfg.device)
+        torch.manual_seed(cfg.seed)
+        super().__init__(model_cfg, cfg, data=data, model=shard_model(MoEGPT(model_cfg).to(device), group))
+        self.traffic = []
+
+    def batch(self):
+        x, y = super().batch()                                  # the global batch, on every rank
+        rows = _rows_of(self.cfg.batch_size, self.p, self.r)
+        return x[rows], y[rows]
+
+    def clip_gradients(self) -> None:
+        sync_gradients(self.model, self.group)
+        clip_grad_norm(self.model, self.cfg.grad_clip, self.group)
+
+    def losses(self, out) -> tuple[float, float]:
+        self.traffic.append([s.traffic for s in collect_stats(self.model)])   # this step's, before any evaluation
+        t = torch.tensor([out.loss.item(), out.ce_loss.item()], dtype=torch.float64)
+        dist.all_reduce(t, group=self.group)
+        return (t[0] / self.p).item(), (t[1] / self.p).item()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """`inference.evaluate` for the sharded model: each 16-window batch is one routing group split over ranks."""
+        model, batch_size = self.model, 16
+        was = model.training
+        model.eval()
+        x, y = self.data.eval_windows(model.config.block_size, self.cfg.eval_batches * batch_size)
+        total = torch.zeros(2, dtype=torch.float64)
+        for xs, ys in zip(x.split(batch_size), y.split(batch_size)):
+            sl = _rows_of(xs.shape[0], self.p, self.r)
+            out = model(xs[sl].to(self.device), ys[sl].to(self.device), return_logits=False)
+            total += torch.tensor([out.ce_loss.item() * ys[sl].numel(), ys[sl].numel()], dtype=torch.float64)
+        dist.all_reduce(total, group=self.group)
+        model.train(was)
+        return (total[0] / total[1]).item()
 
 
 def train_parallel(model_cfg, cfg, *, data=None, progress: bool = False, group=None):
-    """Train with the experts spread over the ranks. Returns (sharded model, history, per-step traffic).
-
-    Every rank builds the same initial model (same seed) and draws the same
-    global batch; rank r trains on rows [r*B/P, (r+1)*B/P). Same data, same
-    routing group and same loss as the single-process `train.train`.
-    """
-    from .model import MoEGPT
-    from .train import StepInfo, _progress, configure_optimizer, load_token_data, lr_at
-
-    p, r = dist.get_world_size(group), dist.get_rank(group)
-    check_expert_parallel(model_cfg.n_experts, p)
-    if cfg.batch_size % p:
-        raise ValueError(f"batch size {cfg.batch_size} must be divisible by the {p} processes")
-    device = init(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    model = shard_model(MoEGPT(model_cfg).to(device), group)
-    model.train()
-    data = data or load_token_data()
-    opt = configure_optimizer(model, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history, traffic = [], []
-    t_start = time.perf_counter()
-    eval_loss = None
-    for step in range(cfg.steps):
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = data.batch("train", cfg.batch_size, model_cfg.block_size, gen)   # the global batch, on every rank
-        sl = _rows_of(cfg.batch_size, p, r)
-        out = train_step(model, opt, x[sl].to(device), y[sl].to(device), cfg.grad_clip, group)
-        traffic.append([s.traffic for s in collect_stats(model)])   # this step's, before any evaluation
-        losses = torch.tensor([out.loss.item(), out.ce_loss.item()], dtype=torch.float64)
-        dist.all_reduce(losses, group=group)
-        losses /= p
-        step_eval = None
-        if (cfg.eval_interval and (step + 1) % cfg.eval_interval == 0) or step + 1 == cfg.steps:
-            step_eval = eval_loss = evaluate_parallel(model, data, cfg.eval_batches, group=group)
-        history.append({"step": step + 1, "loss": losses[0].item(), "ce_loss": losses[1].item(), "eval_loss": step_eval,
-                        "max_top1_share": [(torch.bincount(rt.top1[rt.top1 >= 0], minlength=rt.n_experts).max().item()
-                                            / max(1, int((rt.top1 >= 0).sum()))) for rt in out.routings]})
-        if progress and r == 0:
-            elapsed = time.perf_counter() - t_start
-            _progress(StepInfo(step + 1, cfg.steps, losses[0].item(), losses[1].item(), {}, lr,
-                               (step + 1) * cfg.batch_size * model_cfg.block_size / elapsed, elapsed, [], [], None,
-                               step_eval))
-    return model, history, traffic, eval_loss, time.perf_counter() - t_start
+    """`train.loop.train` with the experts spread over the ranks: (TrainResult with the sharded model,
+    per-step traffic)."""
+    trainer = ExpertParallelTrainer(model_cfg, cfg, data=data, group=group)
+    result = train(model_cfg, cfg, trainer=trainer, progress=progress and trainer.r == 0)
+    return result, trainer.traffic
 
 
 def train_and_save_parallel(preset, model_cfg, cfg, out_dir, *, progress: bool = True, group=None):
     """`train.train_and_save` with expert parallelism: rank 0 gathers the experts and saves a normal checkpoint."""
-    import platform
-    from dataclasses import asdict
-    from pathlib import Path
 
-    from .analysis import model_card
-    from .checkpoint import save
-    from .train import load_token_data
 
     data = load_token_data()
-    model, history, traffic, eval_loss, wall = train_parallel(model_cfg, cfg, data=data, progress=progress, group=group)
-    full = unshard_model(model, group)
+    result, traffic = train_parallel(model_cfg, cfg, data=data, progress=progress, group=group)
+    history, wall = result.history, result.wall_s
+    full = unshard_model(result.model, group)
     p = dist.get_world_size(group)
     path = None
     if dist.get_rank(group) == 0:
@@ -712,7 +676,6 @@ def launch(argv: list[str], p: int, *, capture_stderr: bool = True, env: dict | 
 
 def check_devices(device: str, p: int) -> None:
     """On CUDA every process needs its own GPU (NCCL refuses two ranks on one device)."""
-    from .layer import pick_device
 
     if pick_device(device).type == "cuda" and not under_torchrun() and torch.cuda.device_count() < p:
         raise ValueError(f"--expert-parallel {p} on CUDA needs {p} GPUs (one per process), "
@@ -749,20 +712,15 @@ def train_argv(args) -> list[str]:
 
 def cmd_route(args, text: str, model_name: str, route_table) -> int:
     """`moe-lab route --expert-parallel P`: validate, launch torchrun if needed, route, print on rank 0."""
-    from .checkpoint import list_checkpoints, load
-    from .export import trace_json
-    from .inference import route_overrides
-    from .layer import pick_device
 
     p = args.expert_parallel
     configs = {d["name"]: d["config"] for d in list_checkpoints()}
     if model_name not in configs:
         raise ValueError(f"unknown model {model_name!r}; choose one of: {', '.join(configs)}")
-    from .model import MoEConfig
 
     config = MoEConfig.from_dict(configs[model_name])
     check_expert_parallel(config.n_experts, p)
-    route_overrides(config, args.scheme, args.top_k, args.capacity_factor)   # bad options fail here, once
+    RoutingRequest.make(config, args.scheme, args.top_k, args.capacity_factor)   # bad options fail here, once
     if under_torchrun() and os.environ.get(TEXT_FILE_ENV):
         text = Path(os.environ[TEXT_FILE_ENV]).read_text(encoding="utf-8")
     if not text:
@@ -770,12 +728,8 @@ def cmd_route(args, text: str, model_name: str, route_table) -> int:
     device = pick_device(args.device)
     check_devices(args.device, p)
     if not under_torchrun():
-        from .inference import MAX_TOKENS
-        from .tokenizer import get_tokenizer
 
-        n = len(get_tokenizer().tokenize(text))
-        if n > MAX_TOKENS:
-            raise ValueError(f"the text has {n} tokens; the limit is {MAX_TOKENS} tokens per request")
+        tokenize(text)                                   # too long: fails here, before launching
         # the text travels in a private temporary file, not on the command line (size limits, stdin)
         with tempfile.TemporaryDirectory(prefix="moe-lab-ep-") as tmp:
             path = Path(tmp) / "text.txt"
@@ -825,35 +779,30 @@ def record(model_name: str, out: str, *, n_tokens: int = 4096, scheme=None, top_
     """Route the first `n_tokens` held-out corpus tokens through a shipped model with expert parallelism.
 
     Run under torchrun (`python -m torch.distributed.run --standalone
-    --nproc-per-node P -m moe_core.parallel record --model NAME --out FILE`).
+    --nproc-per-node P -m moe_core.parallel.expert_parallel record --model NAME --out FILE`).
     Rank 0 writes the JSON the dashboard's parallelism view reads: placement,
     per-layer traffic matrix, load and drops per rank, timings, and where the
     numbers come from.
     """
-    import platform
 
-    from .checkpoint import load
-    from .inference import route_overrides
-    from .metrics import balance_metrics
-    from .train import load_token_data
 
     dev = init(device)
     model = load(model_name, device=dev)
     p = check_expert_parallel(model.config.n_experts, world_size())
     scheme_arg = scheme
-    scheme, overrides = route_overrides(model.config, scheme, top_k, capacity_factor)
+    request = RoutingRequest.make(model.config, scheme, top_k, capacity_factor)
     ids = load_token_data().splits["eval"][:n_tokens].tolist()
     sharded = shard_model(_copy_model(model.model))
     t0 = time.perf_counter()
-    routings, loss, stats = route_ids_parallel(sharded, ids, **overrides)
+    routings, loss, stats = route_ids_parallel(sharded, ids, request)
     wall = time.perf_counter() - t0
     summary = _summary(stats)
     if rank() != 0:
         return None
     doc = {
         "format": "moe-router-lab/parallel-run/1",
-        "model": model.info(), "scheme": scheme, "top_k": overrides.get("top_k"),
-        "capacity_factor": overrides.get("capacity_factor"),
+        "model": model.info(), "scheme": request.scheme, "top_k": request.top_k,
+        "capacity_factor": request.capacity_factor,
         "n_tokens": len(ids), "text": "the first held-out (eval split) corpus tokens", "loss": loss,
         "wall_s": round(wall, 4), **summary,
         "capacity": [rt.capacity for rt in routings],
@@ -861,7 +810,7 @@ def record(model_name: str, out: str, *, n_tokens: int = 4096, scheme=None, top_
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}, "
                    f"{p} processes on {dev.type}",
         "command": " ".join(
-            ["python -m torch.distributed.run --standalone", f"--nproc-per-node {p}", "-m moe_core.parallel record",
+            ["python -m torch.distributed.run --standalone", f"--nproc-per-node {p}", "-m moe_core.parallel.expert_parallel record",
              f"--model {model_name}", f"--tokens {n_tokens}"]
             + [f"{flag} {v}" for flag, v in (("--scheme", scheme_arg), ("--top-k", top_k),
                                                ("--capacity-factor", capacity_factor)) if v is not None]
@@ -873,9 +822,8 @@ def record(model_name: str, out: str, *, n_tokens: int = 4096, scheme=None, top_
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m moe_core.parallel",
+    ap = argparse.ArgumentParser(prog="python -m moe_core.parallel.expert_parallel",
                                  description="record an expert-parallel run for the dashboard (run under torchrun)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("record")
@@ -889,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not under_torchrun():
         print("run this under torchrun: python -m torch.distributed.run --standalone --nproc-per-node P "
-              "-m moe_core.parallel record ...", file=sys.stderr)
+              "-m moe_core.parallel.expert_parallel record ...", file=sys.stderr)
         return 2
     try:
         record(args.model, args.out, n_tokens=args.tokens, scheme=args.scheme, top_k=args.top_k,

@@ -21,17 +21,17 @@ report overlapping spans in that case).
 from __future__ import annotations
 
 import functools
-import keyword
 import re
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-TOKENIZER_PATH = Path(__file__).resolve().parent.parent / "assets" / "tokenizer.json"
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+TOKENIZER_PATH = Path(__file__).resolve().parents[2] / "assets" / "tokenizer.json"
 EOT = "<|endoftext|>"
 VOCAB_SIZE = 4096
-TOKEN_CATEGORIES = ("digit", "punctuation", "whitespace", "capitalised", "keyword", "other")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -84,7 +84,6 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path) if path is not None else TOKENIZER_PATH
         if not path.is_file():
@@ -151,8 +150,6 @@ def get_tokenizer() -> Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE, path: str | Path = TOKENIZER_PATH) -> Tokenizer:
     """Train the byte-level BPE on `texts` and save it to `path`. Same texts -> same file."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
@@ -171,25 +168,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE, path: st
     if path == TOKENIZER_PATH:
         get_tokenizer.cache_clear()
     return Tokenizer.load(path)
-
-
-def token_category(text: str) -> str:
-    """Coarse class of a token's text, for "which expert takes what" summaries.
-
-    A leading/trailing space does not change a word's class. Keywords are checked
-    before capitalisation, so True/False/None count as keywords.
-    """
-    s = text.strip()
-    if not text:
-        return "other"
-    if not s:
-        return "whitespace"
-    if s.isdigit():
-        return "digit"
-    if all(unicodedata.category(c)[0] in "PS" for c in s if not c.isspace()):
-        return "punctuation"
-    if keyword.iskeyword(s):
-        return "keyword"
-    if s[0].isupper() and s.isalpha():
-        return "capitalised"
-    return "other"

@@ -15,22 +15,24 @@ balanced by construction.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
+import platform
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields
-from functools import lru_cache
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from .model import MoEConfig, MoEGPT
+from ..analysis.specialisation import model_card
+from ..data.tokens import TokenData, load_token_data
+from ..inference import evaluate
+from ..model.checkpoint import save
+from ..model.gpt import MoEConfig, MoEGPT
+from ..model.layer import pick_device
 
 
 @dataclass
@@ -110,70 +112,6 @@ def make_configs(preset: str, **overrides) -> tuple[MoEConfig, TrainConfig, Pres
     return MoEConfig(**m), TrainConfig(**t), p
 
 
-# ----------------------------------------------------------------------------- data
-
-
-class TokenData:
-    """Token ids of the corpus splits, sampled as random windows."""
-
-    def __init__(self, train: np.ndarray, eval: np.ndarray, corpus_hash: str = ""):
-        self.splits = {"train": torch.from_numpy(train.astype(np.int64)), "eval": torch.from_numpy(eval.astype(np.int64))}
-        self.corpus_hash = corpus_hash
-
-    def batch(self, split: str, batch_size: int, block_size: int, gen: torch.Generator):
-        data = self.splits[split]
-        if len(data) <= block_size + 1:
-            raise ValueError(f"the {split} split has only {len(data)} tokens, fewer than one window of {block_size + 1}")
-        ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=gen)
-        x = torch.stack([data[i : i + block_size] for i in ix])
-        y = torch.stack([data[i + 1 : i + 1 + block_size] for i in ix])
-        return x, y
-
-    def eval_windows(self, block_size: int, max_windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fixed, evenly spaced held-out windows: the same for every model, so losses compare."""
-        data = self.splits["eval"]
-        n = min(max_windows, (len(data) - 1) // block_size)
-        starts = torch.linspace(0, len(data) - block_size - 1, n).long()
-        x = torch.stack([data[s : s + block_size] for s in starts])
-        y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts])
-        return x, y
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MOE_LAB_CACHE", Path.home() / ".cache" / "moe-router-lab"))
-
-
-@lru_cache(maxsize=1)
-def load_token_data() -> TokenData:
-    """Tokenise the shipped corpus once (cached on disk, keyed by corpus + tokenizer hash)."""
-    from . import corpus
-    from .tokenizer import TOKENIZER_PATH, get_tokenizer
-
-    man = corpus.manifest()
-    tok_hash = hashlib.sha256(Path(TOKENIZER_PATH).read_bytes()).hexdigest()[:16]
-    # the corpus content hash: sha256 over the uncompressed splits' own sha256 (manifest.json)
-    corpus_hash = hashlib.sha256("".join(man["splits"][s]["sha256_uncompressed"] for s in ("train", "eval"))
-                                 .encode()).hexdigest()
-    key = hashlib.sha256(json.dumps(man, sort_keys=True).encode() + tok_hash.encode()).hexdigest()[:16]
-    cache = _cache_dir() / f"ids-{key}.npz"
-    if cache.is_file():
-        with np.load(cache) as z:
-            return TokenData(z["train"], z["eval"], corpus_hash=corpus_hash)
-    tok = get_tokenizer()
-    arrays = {}
-    for split in ("train", "eval"):
-        ids: list[int] = []
-        for doc in corpus.load_documents(split):
-            ids.extend(tok.encode(doc["text"]))
-            ids.append(tok.eot_id)
-        arrays[split] = np.asarray(ids, dtype=np.uint16)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache)
-    return TokenData(arrays["train"], arrays["eval"], corpus_hash=corpus_hash)
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -222,22 +160,6 @@ def configure_optimizer(model: MoEGPT, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-@torch.no_grad()
-def evaluate(model: MoEGPT, data: TokenData, batches: int, batch_size: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) on fixed held-out windows."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    x, y = data.eval_windows(model.config.block_size, batches * batch_size)
-    total, count = 0.0, 0
-    for xs, ys in zip(x.split(batch_size), y.split(batch_size)):
-        out = model(xs.to(device), ys.to(device), return_logits=False)
-        total += out.ce_loss.item() * ys.numel()
-        count += ys.numel()
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def _progress(info: StepInfo) -> None:
     width = 28
     done = int(width * info.step / max(1, info.steps))
@@ -254,11 +176,13 @@ _init_lock = threading.Lock()
 
 
 class Trainer:
-    """One model being trained, one optimizer step per `step()` (the training lab steps it by hand)."""
+    """One model being trained, one optimizer step per `step()`: the one loop behind `train` (the CLI),
+    the Training lab (which steps it by hand) and the expert-parallel trainer (which overrides the four
+    methods that differ when the batch and the experts are split over processes: `batch`,
+    `clip_gradients`, `losses` and `evaluate`)."""
 
     def __init__(self, model_cfg: MoEConfig, cfg: TrainConfig, *, data: TokenData | None = None,
                  model: MoEGPT | None = None):
-        from .layer import pick_device
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -288,21 +212,22 @@ class Trainer:
         lr = lr_at(step, cfg)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x, y = self.data.batch("train", cfg.batch_size, model_cfg.block_size, self.gen)
+        x, y = self.batch()
         out = model(x.to(self.device), y.to(self.device), return_logits=False)
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        self.clip_gradients()
         self.opt.step()
         if model_cfg.bias_update_rate:
             model.update_expert_bias(out.routings)
         self.step_count += 1
+        loss, ce_loss = self.losses(out)
         step_eval = None
         if (cfg.eval_interval and self.step_count % cfg.eval_interval == 0) or self.done:
-            step_eval = self.eval_loss = evaluate(model, self.data, cfg.eval_batches)
+            step_eval = self.eval_loss = self.evaluate()
         self.train_s += time.perf_counter() - t0
         return StepInfo(
-            step=self.step_count, steps=cfg.steps, loss=out.loss.item(), ce_loss=out.ce_loss.item(),
+            step=self.step_count, steps=cfg.steps, loss=loss, ce_loss=ce_loss,
             aux={k: v.item() for k, v in out.aux.items()}, lr=lr,
             tokens_per_s=self.tokens_per_step * self.step_count / self.train_s, elapsed_s=self.train_s,
             load=[r.load.tolist() for r in out.routings],
@@ -311,6 +236,21 @@ class Trainer:
             bias=[m.expert_bias.tolist() for m in model.moe_layers] if model_cfg.scheme == "deepseek" else None,
             eval_loss=step_eval,
         )
+
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's training windows (inputs, next tokens)."""
+        return self.data.batch("train", self.cfg.batch_size, self.model_cfg.block_size, self.gen)
+
+    def clip_gradients(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+
+    def losses(self, out) -> tuple[float, float]:
+        """The step's (total, cross-entropy) loss over the whole batch."""
+        return out.loss.item(), out.ce_loss.item()
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.data, self.cfg.eval_batches)
 
 
 def train(
@@ -322,9 +262,11 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     progress: bool = False,
     model: MoEGPT | None = None,
+    trainer: Trainer | None = None,
 ) -> TrainResult:
-    """Train a fresh model (or continue `model`) and return it with its history."""
-    trainer = Trainer(model_cfg, cfg, data=data, model=model)
+    """Train a fresh model (or continue `model`, or run a `trainer` made elsewhere, such as the
+    expert-parallel one) and return it with its history."""
+    trainer = trainer or Trainer(model_cfg, cfg, data=data, model=model)
     history: list[dict] = []
     t0 = time.perf_counter()
     stopped = False
@@ -341,7 +283,7 @@ def train(
             _progress(info)
     wall = time.perf_counter() - t0
     if cfg.steps == 0:
-        trainer.eval_loss = evaluate(trainer.model, trainer.data, cfg.eval_batches)
+        trainer.eval_loss = trainer.evaluate()
     trainer.model.eval()
     return TrainResult(trainer.model, model_cfg, cfg, history, trainer.eval_loss, wall,
                        trainer.tokens_per_step * len(history), stopped)
@@ -350,11 +292,7 @@ def train(
 def train_and_save(preset: Preset, model_cfg: MoEConfig, cfg: TrainConfig, out_dir: Path, *,
                    progress: bool = True, name: str | None = None) -> Path:
     """Train a preset, measure it (analysis.model_card) and save checkpoint + card."""
-    import platform
-    from dataclasses import asdict
 
-    from .analysis import model_card
-    from .checkpoint import save
 
     data = load_token_data()
     result = train(model_cfg, cfg, data=data, progress=progress)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .routing import Routing
+from ..model.routing import Routing
 
 # name -> (label, one-line definition shown on hover in the app and in --help)
 METRICS: dict[str, tuple[str, str]] = {

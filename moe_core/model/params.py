@@ -117,18 +117,3 @@ def count_params(model: nn.Module, *, top_k: int | None = None, scheme: str | No
         experts_per_token=sum(per_token) / len(per_token) if per_token else 0.0,
         n_experts=max((m.n_experts for m in moe_layers), default=0),
     )
-
-
-def dense_equivalent(report: ParamReport) -> dict:
-    """Two dense models to compare against.
-
-    - same_active: a dense model with the MoE's active parameters: same compute
-      per token, but only `active` weights of capacity;
-    - same_total: a dense model as big as the MoE in memory, which would use
-      all of its weights for every token (total/active times the compute).
-    """
-    return {
-        "same_active": {"params": report.active_per_token, "flops_per_token": 2 * report.active_per_token},
-        "same_total": {"params": report.total, "flops_per_token": 2 * report.total},
-        "moe_flops_per_token": 2 * report.active_per_token,
-    }

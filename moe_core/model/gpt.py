@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .layer import MoELayer
+from .request import RoutingRequest
 from .routing import Routing, get_scheme
 
 
@@ -31,7 +32,7 @@ class MoEConfig:
     d_ff: int = 96                  # hidden width of ONE routed expert (SwiGLU)
     n_experts: int = 8              # routed experts per MoE layer (N)
     top_k: int = 2                  # experts per token for top-k schemes (k)
-    scheme: str = "softmax_topk"    # routing scheme, a key of moe_core.routing.SCHEMES
+    scheme: str = "softmax_topk"    # routing scheme, a key of moe_core.model.routing.SCHEMES
     n_shared: int = 0               # always-on shared experts (DeepSeekMoE)
     activation: str = "swiglu"      # expert FFN: "swiglu" or "gelu"
     capacity_factor: float | None = None  # for capacity schemes (None = the scheme's default)
@@ -117,15 +118,15 @@ class Block(nn.Module):
             n_shared=cfg.n_shared, activation=cfg.activation, **cfg.router_options(),
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, **route) -> tuple[Tensor, Routing]:
+    def forward(self, x: Tensor, mask: Tensor | None, request: RoutingRequest, layer: int) -> tuple[Tensor, Routing]:
         x = x + self.attn(self.ln_1(x))
         h = self.ln_2(x)
         if mask is None:
-            y, routing = self.moe(h, **route)
+            y, routing = self.moe(h, request=request, layer=layer)
         else:
             # only real tokens are routed (padding must not compete for capacity)
             y = torch.zeros_like(h)
-            y[mask], routing = self.moe(h[mask], **route)
+            y[mask], routing = self.moe(h[mask], request=request, layer=layer)
         return x + y, routing
 
 
@@ -202,26 +203,24 @@ class MoEGPT(nn.Module):
         return [b.moe for b in self.blocks]
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None,
-                return_logits: bool = True, **route) -> ModelOutput:
+                return_logits: bool = True, request: RoutingRequest | None = None) -> ModelOutput:
         """idx (B, T) token ids; targets (B, T) next tokens, -1 = ignore; mask (B, T) real tokens.
 
-        `route` overrides the routing of every MoE layer for this call
-        (top_k=, scheme=, capacity_factor=, ...), without touching weights;
-        `disabled_experts={layer: [experts]}` switches experts of some layers
-        off for an ablation (see MoELayer.route).
+        `request` (RoutingRequest.make(model.config, ...)) routes every MoE layer of this call another
+        way than the model was trained with (scheme, top-k, capacity factor, experts switched off for an
+        ablation), without touching weights; None routes as trained.
         `return_logits=False` (training) computes the loss chunk by chunk and
         never builds the full logits tensor.
         """
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than the context of {self.config.block_size}")
-        disabled = self._check_disabled(route.pop("disabled_experts", None))
+        request = request or RoutingRequest.make(self.config)
         pos = torch.arange(T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)                # (B, T, C)
         routings = []
         for i, block in enumerate(self.blocks):
-            off = {"disabled_experts": disabled[i]} if i in disabled else {}
-            x, routing = block(x, mask, **route, **off)
+            x, routing = block(x, mask, request, i)
             routings.append(routing)
         x = self.ln_f(x)
         logits = self.lm_head(x) if return_logits or targets is None else None  # (B, T, vocab)
@@ -243,18 +242,6 @@ class MoEGPT(nn.Module):
             if cfg.cv_loss_coef and "cv_importance" in aux:
                 loss = loss + cfg.cv_loss_coef * (aux["cv_importance"] + aux["cv_load"])
         return ModelOutput(logits, loss, routings, ce, aux)
-
-    def _check_disabled(self, disabled) -> dict:
-        """`disabled_experts` must map layer numbers to lists of expert numbers (checked per layer later)."""
-        if disabled is None:
-            return {}
-        if not isinstance(disabled, dict):
-            raise ValueError(f"disabled_experts must be a dict {{layer: [experts]}}, got {type(disabled).__name__}")
-        n = self.config.n_layer
-        for layer in disabled:
-            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-                raise ValueError(f"disabled_experts: layer {layer!r} does not exist: layers are numbered 0 to {n - 1}")
-        return disabled
 
     @torch.no_grad()
     def update_expert_bias(self, routings: list[Routing], gamma: float | None = None) -> None:

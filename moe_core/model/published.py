@@ -49,11 +49,11 @@ class Arch:
     key: str
     label: str
     # --- trunk
-    n_layers: int                  # transformer blocks (encoder + decoder for an encoder-decoder)
+    n_layer: int                  # transformer blocks (encoder + decoder for an encoder-decoder)
     d_model: int
     vocab: int
     tied_embeddings: bool          # input table reused as the output head
-    n_encoder_layers: int = 0      # > 0: encoder-decoder; the other n_layers - n_encoder_layers blocks
+    n_encoder_layers: int = 0      # > 0: encoder-decoder; the other n_layer - n_encoder_layers blocks
                                    # are decoder blocks with an extra cross-attention
     # --- attention
     attention: str = "gqa"         # "gqa" (MHA when n_kv_heads == n_heads) or "mla" (DeepSeek latent attention)
@@ -85,7 +85,7 @@ class Arch:
     router_bias: bool = False      # a per-expert bias next to the router matrix
     # --- what was published
     published_total: int = 0
-    published_active: int | None = None  # None = the authors published no active-parameter count
+    published_active_per_token: int | None = None  # None = the authors published no active-parameter count
     active_excludes_input_embedding: bool = False   # the publisher's "active" leaves the input table out
     source: str = ""
     notes: str = ""
@@ -99,14 +99,14 @@ SWITCH_C_2048 = Arch(
     # google/switch-c-2048 config.json and the T5X gin it was exported from
     # (flaxformer/t5x/configs/moe/models/switch_c.gin): d_model 2080, 30 heads x 64,
     # d_ff 6144 ReLU, 15 encoder + 15 decoder blocks, every FFN sparse, 2048 experts, top-1.
-    n_layers=30, n_encoder_layers=15, d_model=2080, vocab=32128,
+    n_layer=30, n_encoder_layers=15, d_model=2080, vocab=32128,
     tied_embeddings=False,          # gin: "Switch Transformer C uses a separate output logits layer"
     n_heads=30, n_kv_heads=30, head_dim=64,
     rel_pos_buckets=32, rel_pos_shared=True,   # T5: one bias table in the first block of each stack
     moe_layers=tuple(range(30)), n_experts=2048, top_k=1, d_expert=6144, expert_act="relu",
     router_bias=False,
     published_total=1_571_000_000_000,  # Switch paper, Table 9: "1571B"
-    published_active=None,              # not published (Table 9 gives 890B FLOPs per sequence instead)
+    published_active_per_token=None,              # not published (Table 9 gives 890B FLOPs per sequence instead)
     source="https://arxiv.org/abs/2101.03961 (Table 9: 1571B) ; "
            "https://huggingface.co/google/switch-c-2048/blob/main/config.json ; "
            "https://github.com/google/flaxformer/blob/main/flaxformer/t5x/configs/moe/models/switch_c.gin",
@@ -115,7 +115,7 @@ SWITCH_C_2048 = Arch(
           "released checkpoint (d_model 2080, 30 heads x 64) reproduce the paper's 1571B to 0.05%; the "
           "paper's Table 9 row (d_model 2048, 32 heads, d_kv 128) would give only 1548B, so we use the "
           "checkpoint. The HF model card's '1.6T parameters for 3.1 TB' is the same count in bf16. "
-          "The paper publishes no active-parameter count (published_active is None); with top-1 routing our "
+          "The paper publishes no active-parameter count (published_active_per_token is None); with top-1 routing our "
           "active is ~1.75B (0.11% of the model), of which an input token uses the encoder half and a "
           "target token the decoder half. HF config.json says num_decoder_layers 12, but "
           "num_sparse_decoder_layers 15, the T5X gin and the 3.1 TB checkpoint all mean 15.",
@@ -125,14 +125,14 @@ GLAM_1_2T = Arch(
     key="glam-1.2t", label="GLaM (64B/64E)",
     # GLaM paper, Table 4, row GLaM (64B/64E): L 64, M 8192, H 32768, 128 heads x 128, E 64, top-2,
     # every other FFN is MoE; 256K SentencePiece vocab; shared input/output embedding.
-    n_layers=64, d_model=8192, vocab=256_000, tied_embeddings=True,
+    n_layer=64, d_model=8192, vocab=256_000, tied_embeddings=True,
     n_heads=128, n_kv_heads=128, head_dim=128,
     rel_pos_buckets=32, rel_pos_shared=False,  # per-layer relative position bias (buckets as in praxis glam.py)
     moe_layers=tuple(range(0, 64, 2)), n_experts=64, top_k=2, d_expert=32768,
     expert_act="gelu",              # experts are plain 2-matrix FFNs ...
     d_ff_dense=32768, dense_act="geglu",  # ... only the non-MoE FFNs use the gated GLU (3 matrices)
     published_total=1_200_000_000_000,  # "1.2 trillion parameters"
-    published_active=96_600_000_000,    # "activates ... 96.6B parameters per token"
+    published_active_per_token=96_600_000_000,    # "activates ... 96.6B parameters per token"
     source="https://arxiv.org/abs/2112.06905 (Table 4) ; "
            "https://ai.googleblog.com/2021/12/more-efficient-in-context-learning-with.html",
     notes="Decoder-only; the FFN of every other block is a 64-expert top-2 MoE (32 MoE layers). The paper "
@@ -147,10 +147,10 @@ GLAM_1_2T = Arch(
 MIXTRAL_8X7B = Arch(
     key="mixtral-8x7b", label="Mixtral 8x7B",
     # mistralai/Mixtral-8x7B-v0.1 config.json
-    n_layers=32, d_model=4096, vocab=32000, tied_embeddings=False,
+    n_layer=32, d_model=4096, vocab=32000, tied_embeddings=False,
     n_heads=32, n_kv_heads=8, head_dim=128,
     moe_layers=tuple(range(32)), n_experts=8, top_k=2, d_expert=14336, expert_act="swiglu",
-    published_total=46_700_000_000, published_active=12_900_000_000,
+    published_total=46_700_000_000, published_active_per_token=12_900_000_000,
     source="https://huggingface.co/mistralai/Mixtral-8x7B-v0.1/blob/main/config.json ; "
            "https://mistral.ai/news/mixtral-of-experts/ (46.7B total, 12.9B per token)",
     notes="Every block is MoE: 8 SwiGLU experts (3 x 4096 x 14336 each), top-2, no shared expert. "
@@ -162,11 +162,11 @@ MIXTRAL_8X7B = Arch(
 OLMOE_1B_7B = Arch(
     key="olmoe-1b-7b", label="OLMoE-1B-7B",
     # allenai/OLMoE-1B-7B-0924 config.json
-    n_layers=16, d_model=2048, vocab=50304, tied_embeddings=False,
+    n_layer=16, d_model=2048, vocab=50304, tied_embeddings=False,
     n_heads=16, n_kv_heads=16, head_dim=128,
     qk_norm="full",                 # q_norm = RMSNorm(2048), k_norm = RMSNorm(16 x 128)
     moe_layers=tuple(range(16)), n_experts=64, top_k=8, d_expert=1024, expert_act="swiglu",
-    published_total=6_900_000_000, published_active=1_300_000_000,
+    published_total=6_900_000_000, published_active_per_token=1_300_000_000,
     source="https://huggingface.co/allenai/OLMoE-1B-7B-0924/blob/main/config.json ; "
            "https://arxiv.org/abs/2409.02060 (6.9B total, 1.3B active)",
     notes="Fine-grained experts: 64 small SwiGLU experts (width 1024) per layer, 8 active, in all 16 blocks; "
@@ -177,7 +177,7 @@ OLMOE_1B_7B = Arch(
 DEEPSEEK_V3 = Arch(
     key="deepseek-v3", label="DeepSeek-V3",
     # deepseek-ai/DeepSeek-V3 config.json
-    n_layers=61, d_model=7168, vocab=129280, tied_embeddings=False,
+    n_layer=61, d_model=7168, vocab=129280, tied_embeddings=False,
     attention="mla", n_heads=128, n_kv_heads=128,
     q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
     moe_layers=tuple(range(3, 61)),   # first_k_dense_replace = 3, moe_layer_freq = 1
@@ -185,7 +185,7 @@ DEEPSEEK_V3 = Arch(
     n_shared=1, d_shared=2048,
     d_ff_dense=18432, dense_act="swiglu",
     router_bias=True,               # e_score_correction_bias: the aux-loss-free balancing bias, 256 per layer
-    published_total=671_000_000_000, published_active=37_000_000_000,
+    published_total=671_000_000_000, published_active_per_token=37_000_000_000,
     source="https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json ; "
            "https://arxiv.org/abs/2412.19437 (671B total, 37B activated) ; "
            "https://github.com/deepseek-ai/DeepSeek-V3/blob/main/README_WEIGHTS.md",
@@ -202,14 +202,14 @@ DEEPSEEK_V3 = Arch(
 LLAMA_4_MAVERICK = Arch(
     key="llama-4-maverick", label="Llama 4 Maverick",
     # meta-llama/Llama-4-Maverick-17B-128E-Instruct config.json, text_config
-    n_layers=48, d_model=5120, vocab=202048, tied_embeddings=False,
+    n_layer=48, d_model=5120, vocab=202048, tied_embeddings=False,
     n_heads=40, n_kv_heads=8, head_dim=128,
     qk_norm="",                     # use_qk_norm: an L2 norm without weights, so no parameters
     moe_layers=tuple(range(1, 48, 2)),  # interleave_moe_layer_step = 2: blocks 1, 3, ..., 47
     n_experts=128, top_k=1, d_expert=8192, expert_act="swiglu",
     n_shared=1, d_shared=8192,
     d_ff_dense=16384, dense_act="swiglu",   # intermediate_size_mlp
-    published_total=400_000_000_000, published_active=17_000_000_000,
+    published_total=400_000_000_000, published_active_per_token=17_000_000_000,
     source="https://huggingface.co/meta-llama/Llama-4-Maverick-17B-128E-Instruct/blob/main/config.json ; "
            "https://ai.meta.com/blog/llama-4-multimodal-intelligence/ (17B active, 128 experts, 400B total)",
     notes="Dense and MoE blocks alternate: 24 dense SwiGLU FFNs of width 16384 and 24 MoE layers with 128 "
@@ -221,12 +221,12 @@ LLAMA_4_MAVERICK = Arch(
 QWEN3_235B_A22B = Arch(
     key="qwen3-235b-a22b", label="Qwen3-235B-A22B",
     # Qwen/Qwen3-235B-A22B config.json
-    n_layers=94, d_model=4096, vocab=151936, tied_embeddings=False,
+    n_layer=94, d_model=4096, vocab=151936, tied_embeddings=False,
     n_heads=64, n_kv_heads=4, head_dim=128,
     qk_norm="head",                 # q_norm / k_norm = RMSNorm(head_dim)
     moe_layers=tuple(range(94)),    # decoder_sparse_step 1, mlp_only_layers []
     n_experts=128, top_k=8, d_expert=1536, expert_act="swiglu",
-    published_total=235_000_000_000, published_active=22_000_000_000,
+    published_total=235_000_000_000, published_active_per_token=22_000_000_000,
     source="https://huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json ; "
            "https://huggingface.co/Qwen/Qwen3-235B-A22B (235B total, 22B activated)",
     notes="All 94 blocks are MoE: 128 SwiGLU experts of width 1536, top-8, no shared expert (unlike "
@@ -237,12 +237,12 @@ QWEN3_235B_A22B = Arch(
 GPT_OSS_120B = Arch(
     key="gpt-oss-120b", label="gpt-oss-120b",
     # openai/gpt-oss-120b config.json; shapes as in github.com/openai/gpt-oss gpt_oss/torch/model.py
-    n_layers=36, d_model=2880, vocab=201088, tied_embeddings=False,
+    n_layer=36, d_model=2880, vocab=201088, tied_embeddings=False,
     n_heads=64, n_kv_heads=8, head_dim=64,
     attn_bias=True, attn_sinks=True,
     moe_layers=tuple(range(36)), n_experts=128, top_k=4, d_expert=2880, expert_act="swiglu",
     ffn_bias=True, router_bias=True,
-    published_total=116_830_000_000, published_active=5_130_000_000,
+    published_total=116_830_000_000, published_active_per_token=5_130_000_000,
     active_excludes_input_embedding=True,
     source="https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json ; "
            "https://arxiv.org/abs/2508.10925 (model card: 116.83B total, 5.13B active)",
@@ -317,7 +317,7 @@ def _count(a: Arch) -> tuple[dict[str, int], dict[str, int]]:
     n_stacks = 2 if a.n_encoder_layers else 1
     moe = set(a.moe_layers)
     expert = _ffn_params(d, a.d_expert, a.expert_act, a.ffn_bias) if moe else 0
-    for i in range(a.n_layers):
+    for i in range(a.n_layer):
         cross = a.n_encoder_layers > 0 and i >= a.n_encoder_layers   # decoder block of an encoder-decoder
         n_attn = 2 if cross else 1
         add("attention", n_attn * _attention_params(a))
@@ -332,7 +332,7 @@ def _count(a: Arch) -> tuple[dict[str, int], dict[str, int]]:
     add("norms", n_stacks * d)    # final norm of each stack
 
     if a.rel_pos_buckets:         # relative position bias table(s): buckets x heads
-        tables = n_stacks if a.rel_pos_shared else a.n_layers
+        tables = n_stacks if a.rel_pos_shared else a.n_layer
         add("other", tables * a.rel_pos_buckets * a.n_heads)
     return total, active
 
@@ -345,16 +345,16 @@ class ParamCount:
     model: str
     label: str
     total: int
-    active: int                      # parameters used per token
+    active_per_token: int            # parameters used per token
     by_part: dict[str, int]          # total split by PARTS
     active_by_part: dict[str, int]   # active split by PARTS
     n_experts: int                   # routed experts per MoE layer
     n_shared: int
     top_k: int
-    n_layers: int
+    n_layer: int
     n_moe_layers: int
     published_total: int
-    published_active: int | None     # None when the authors published none
+    published_active_per_token: int | None     # None when the authors published none
     source: str
     notes: str
 
@@ -363,7 +363,7 @@ class ParamCount:
         d = asdict(self)
         arch = asdict(REGISTRY[self.model])
         arch["moe_layers"] = list(arch["moe_layers"])
-        for k in ("key", "label", "published_total", "published_active", "source", "notes"):
+        for k in ("key", "label", "published_total", "published_active_per_token", "source", "notes"):
             arch.pop(k)
         d["hyper_parameters"] = arch
         d["active_as_published"] = active_as_published(self.model)
@@ -388,11 +388,11 @@ def compute(name: str) -> ParamCount:
     by_part, active_by_part = _count(a)
     return ParamCount(
         model=a.key, label=a.label,
-        total=sum(by_part.values()), active=sum(active_by_part.values()),
+        total=sum(by_part.values()), active_per_token=sum(active_by_part.values()),
         by_part=by_part, active_by_part=active_by_part,
         n_experts=a.n_experts, n_shared=a.n_shared, top_k=a.top_k,
-        n_layers=a.n_layers, n_moe_layers=len(a.moe_layers),
-        published_total=a.published_total, published_active=a.published_active,
+        n_layer=a.n_layer, n_moe_layers=len(a.moe_layers),
+        published_total=a.published_total, published_active_per_token=a.published_active_per_token,
         source=a.source, notes=a.notes,
     )
 
@@ -400,7 +400,7 @@ def compute(name: str) -> ParamCount:
 def active_as_published(name: str) -> int:
     """Our active count, restated in the publisher's own convention (gpt-oss leaves out the input table)."""
     a = spec(name)
-    n = compute(name).active
+    n = compute(name).active_per_token
     if a.active_excludes_input_embedding and not a.tied_embeddings:
         n -= a.vocab * a.d_model
     return n

@@ -1,0 +1,1 @@
+"""Training: the one loop (loop) and the Training lab's jobs (lab)."""
