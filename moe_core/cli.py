@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # The commands import the package's modules inside their functions, on purpose: they all import torch
@@ -33,14 +33,39 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _positive_int(text: str) -> int:
+def _int_in(lo: int, hi: int):
+    """An argparse type: a whole number from lo to hi (every count is decided before any work starts)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {lo:,} to {hi:,}, got {v:,}")
+        return v
+    return parse
+
+
+_positive_int = _int_in(1, 4096)                # k, N, processes: far above any model here
+MAX_THREADS = 4 * (os.cpu_count() or 1)         # more threads than that only thrash (1,000 ran 6x slower)
+
+
+def _name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a name, got an empty string")
+    return text
+
+
+def writable_dir(path: Path, flag: str) -> Path:
+    """`path` as a directory this process can write to (made if missing), checked before any work."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"moe-lab: {flag} {path} is a file, not a directory")
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
-    return v
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise UsageError(f"moe-lab: {flag} {path} cannot be written to ({e.strerror or e})") from None
+    return path
 
 
 def _number(text: str) -> float:
@@ -168,10 +193,20 @@ def cmd_route(args) -> int:
         )
 
         out = trace_json(res, model)
+        if not _encodable(out):               # a terminal that cannot show the text: JSON's own \u escapes
+            out = json.dumps(json.loads(out))
     else:
         out = _route_table(res, model)
     print(out)
     return 0
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode(sys.stdout.encoding or "utf-8")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
 
 
 def _route_table(res, model) -> str:
@@ -210,8 +245,10 @@ def _route_table(res, model) -> str:
 def cmd_train(args) -> int:
 
     from .model.checkpoint import CHECKPOINT_DIR
+    from .model.layer import pick_device
     from .train.loop import make_configs, train_and_save
 
+    pick_device(args.device)                  # a device this machine lacks fails here, not after loading data
     overrides = {}
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -221,7 +258,7 @@ def cmd_train(args) -> int:
     if args.threads:
         overrides["threads"] = args.threads
     model_cfg, train_cfg, preset = make_configs(args.preset, **overrides)
-    out = Path(args.out) if args.out else CHECKPOINT_DIR
+    out = writable_dir(Path(args.out) if args.out else CHECKPOINT_DIR, "--out")
     if args.expert_parallel:  # experts spread over P torchrun processes (moe_core/parallel/expert_parallel.py)
         from .parallel.expert_parallel import cmd_train as train_expert_parallel
 
@@ -264,7 +301,9 @@ def cmd_serve(args) -> int:
     env = dict(os.environ)
     if args.allocator:
         env["MOE_LAB_ALLOCATOR"] = args.allocator
-    return subprocess.call(cmd, env=env)
+    sys.stdout.flush()
+    os.execve(cmd[0], cmd, env)      # the server replaces this process: a SIGTERM to moe-lab reaches it
+    return 0                         # pragma: no cover - execve does not return
 
 
 # ----------------------------------------------------------------------------- main
@@ -275,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     q = sub.add_parser("params", help="total vs active parameters of a published or shipped model")
-    q.add_argument("--model", help="published model (e.g. mixtral-8x7b) or shipped checkpoint (e.g. moe-n8)")
+    q.add_argument("--model", type=_name,
+                   help="published model (e.g. mixtral-8x7b) or shipped checkpoint (e.g. moe-n8)")
     q.add_argument("--top-k", type=_positive_int, help="experts per token (shipped checkpoints only)")
     q.add_argument("--list", action="store_true", help="list every model")
     q.add_argument("--json", action="store_true", help="print JSON")
@@ -287,10 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("route", help="route text through every layer of a trained model")
     q.add_argument("text", help='the text to route ("-" reads standard input)')
-    q.add_argument("--model", help="checkpoint name (moe-lab models); default moe-n8")
+    q.add_argument("--model", type=_name, help="checkpoint name (moe-lab models); default moe-n8")
     q.add_argument("--experts", type=_positive_int, help="pick the balanced checkpoint with N experts")
     q.add_argument("--top-k", type=_positive_int, help="experts per token (top-k schemes)")
-    q.add_argument("--scheme", help="routing scheme: softmax_topk, noisy_topk, switch, gshard, expert_choice, base, deepseek")
+    q.add_argument("--scheme", type=_name, help="routing scheme: softmax_topk, noisy_topk, switch, gshard, expert_choice, base, deepseek")
     q.add_argument("--capacity-factor", type=_number, help="slots per expert = ceil(factor * tokens / N)")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
     q.add_argument("--json", action="store_true", help="print JSON (schema in README)")
@@ -300,11 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("train", help="train a model from a preset and save a checkpoint")
     q.add_argument("--preset", required=True, help="e.g. moe-n8, moe-n8-nobalance, tiny")
-    q.add_argument("--steps", type=_positive_int)
-    q.add_argument("--seed", type=int)
+    q.add_argument("--steps", type=_int_in(1, 1_000_000))
+    q.add_argument("--seed", type=_int_in(0, 2**63 - 1))
     q.add_argument("--out", help="output directory (default assets/checkpoints)")
     q.add_argument("--device", default="cpu", help="auto, cpu or cuda")
-    q.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    q.add_argument("--threads", type=_int_in(1, MAX_THREADS), help=f"torch CPU threads (at most {MAX_THREADS})")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.add_argument("--expert-parallel", type=_positive_int, metavar="P",
                    help="train with the experts spread over P processes (torchrun; launched for you)")
@@ -323,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true")
     q.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     q.add_argument("--experts", default="4,8,16,64,256", help="comma-separated N values")
-    q.add_argument("--tokens", type=_positive_int, default=8192)
-    q.add_argument("--repeats", type=_positive_int, default=7)
+    q.add_argument("--tokens", type=_int_in(1, 10_000_000), default=8192)
+    q.add_argument("--repeats", type=_int_in(1, 1000), default=7)
     q.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke test)")
     q.add_argument("--skip", default="", help="comma-separated parts to skip: layer,train,route")
     q.add_argument("--malloc-defaults", action="store_true",
@@ -333,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_bench)
 
     q = sub.add_parser("serve", help="serve the dashboard (panel serve app/main.py)")
-    q.add_argument("--port", type=int, default=5006)
+    q.add_argument("--port", type=_int_in(1, 65535), default=5006)
     q.add_argument("--address", default="127.0.0.1")
     q.add_argument("--allow-origin", action="append", help="extra allowed websocket origin host[:port]")
     q.add_argument("--show", action="store_true", help="open a browser")
@@ -347,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not _encodable("\u00e9\u2192"):         # e.g. PYTHONIOENCODING=ascii: text the terminal cannot show is escaped
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,12 +1,16 @@
 """The `moe-lab` CLI: JSON schemas, and one-line errors with exit code 2."""
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from moe_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, stdin=None):
@@ -66,6 +70,26 @@ def test_params_of_a_shipped_checkpoint_follow_k(capsys):
     ["bench", "--skip", "everything"],
     ["serve", "--allocator", "tcmalloc"],
     ["frobnicate"],
+    # every count, path and device is decided before any work (issue #23)
+    ["route", "hello", "--device", "mps"],
+    ["route", "hello", "--model", ""],
+    ["route", "hello", "--scheme", ""],
+    ["params", "--model", ""],
+    ["train", "--preset", "tiny", "--out", "/dev/null"],
+    ["train", "--preset", "tiny", "--out", "/etc/passwd/sub"],
+    ["train", "--preset", "tiny", "--out", "/proc/moe-lab-out"],
+    ["train", "--preset", "tiny", "--steps", "10000000000000"],
+    ["train", "--preset", "tiny", "--threads", "5000"],
+    ["train", "--preset", "tiny", "--threads", "100000"],
+    ["train", "--preset", "tiny", "--seed", "1180591620717411303424"],
+    ["train", "--preset", "tiny", "--seed", "-1"],
+    ["train", "--preset", "tiny", "--device", "mps"],
+    ["bench", "--experts", "1000000"],
+    ["bench", "--experts", "4096", "--tokens", "9000000"],
+    ["bench", "--tokens", "10000000000"],
+    ["bench", "--device", "mps"],
+    ["serve", "--port", "70000"],
+    ["serve", "--port", "0"],
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, capsys):
     code = main(args)          # in process (fast); the subprocess tests below cover the real entry point
@@ -75,6 +99,19 @@ def test_bad_arguments_give_one_line_and_exit_2(args, capsys):
 
 def test_bad_arguments_from_the_real_entry_point():
     assert_one_line_error(*run("route", "hello", "--top-k", "9"))
+
+
+def test_a_terminal_that_cannot_show_the_text_still_gets_valid_json():
+    """PYTHONIOENCODING=ascii: the JSON escapes what the terminal cannot show (it is still the same JSON)."""
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    p = subprocess.run([sys.executable, "-m", "moe_core", "route", "h\u00e9llo \u2192 \u4e16", "--json"],
+                       capture_output=True, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout.decode("ascii"))
+    assert "".join(t["text"] for t in d["tokens"]) == "h\u00e9llo \u2192 \u4e16"
+    table = subprocess.run([sys.executable, "-m", "moe_core", "route", "h\u00e9llo"], capture_output=True, env=env,
+                           cwd=ROOT)
+    assert table.returncode == 0 and b"\\u00e9" in table.stdout
 
 
 def test_route_over_the_token_limit_is_refused_cleanly():

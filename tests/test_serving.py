@@ -18,6 +18,7 @@ import random
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -205,3 +206,34 @@ def test_a_served_page_passes_bokehs_document_checks(app_url):
         assert issues.error == [] and issues.warning == []
     finally:
         session.close()
+
+def test_sigterm_to_moe_lab_serve_stops_the_server_and_frees_its_port():
+    """`moe-lab serve` becomes the server (exec): what a process manager or `kill` sends reaches it."""
+    port = loadtest.free_port()
+    p = subprocess.Popen([sys.executable, "-m", "moe_core", "serve", "--port", str(port)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/main", timeout=30).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the server did not start within 120 s")
+        assert loadtest.process_tree(p.pid) == [p.pid]       # no child: the command is the server
+        t0 = time.monotonic()
+        p.terminate()                                        # SIGTERM to the command's own PID
+        while True:                                          # the port is free again within 5 s
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() - t0 < 5, "the port was still held 5 s after SIGTERM"
+                time.sleep(0.1)
+        p.wait(timeout=30)                                   # and the process ends: nothing left behind
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -314,7 +314,25 @@ def bench_route(model_name: str = "moe-n8", n_tokens: int = 512, repeats: int = 
     return out
 
 
+def free_bytes() -> int:
+    """Memory the OS can give this process now (MemAvailable), or a large number where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return 1 << 62
+
+
+def check_memory(need: int, what: str) -> None:
+    """Refuse work whose estimated memory is over half of what is free, before allocating any of it."""
+    free = free_bytes()
+    if need > free // 2:
+        raise ValueError(f"{what} needs about {need / 2**30:,.1f} GiB and {free / 2**30:,.1f} GiB is free: "
+                         f"choose fewer experts or tokens")
+
+
 def run_bench(args) -> int:
+    pick_device(args.device)                  # a device this machine lacks fails before any work
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - {"layer", "train", "route"}
     if unknown:
@@ -323,11 +341,13 @@ def run_bench(args) -> int:
         ns = tuple(int(n) for n in args.experts.split(","))
     except ValueError:
         raise ValueError(f"--experts must be comma-separated whole numbers, got {args.experts!r}") from None
-    if any(n < 1 for n in ns):
-        raise ValueError("--experts values must be >= 1")
+    if any(not 1 <= n <= 4096 for n in ns):
+        raise ValueError("--experts values must be whole numbers from 1 to 4,096")
     repeats = 2 if args.quick else args.repeats
     if args.quick:
         ns = tuple(n for n in ns if n <= 16) or ns[:1]
+    if "layer" not in skip:   # weights of every N at once, and the biggest pass's activations (float32, k = 2)
+        check_memory(4 * (sum(ns) * 256 * 3 * 512 + args.tokens * (256 + 2 * 4 * 512) * 4), "this benchmark")
     malloc = "the C library's defaults" if args.malloc_defaults else (keep_freed_memory() or "the C library's defaults")
     result = {"machine": {**machine(), "malloc": malloc}}
     if "layer" not in skip:
