@@ -25,6 +25,7 @@ from .lessons import LessonState, fill, lesson_numbers, lessons
 from .share import MAX_TEXT_IN_URL, apply_to_state, parse_query, share_url, state_query
 from .state import RouterState, examples
 from .styles import CSS, PAGE_CSS
+from .views.guard import refuse_bad_values
 from .views.pagecontrol import PageControl
 from .views.panels import (
     balance_table,
@@ -165,6 +166,14 @@ class Dashboard(pn.viewable.Viewer):
         self.share_btn.on_click(self._make_link)
         self.page_control.param.watch(lambda e: self._lesson_move(+1), "next_presses")
         self.page_control.param.watch(lambda e: self._lesson_move(-1), "prev_presses")
+        for w, bound in ((self.n_experts, s.param.n_experts), (self.balancing, s.param.balancing),
+                         (self.scheme, s.param.scheme), (self.top_k, s.param.top_k),
+                         (self.capacity, s.param.capacity_factor), (self.preset, None), (self.text, None),
+                         (self.lesson_pick, None), (self.presenter, None)):
+            refuse_bad_values(w, self._warn, bound)
+
+    def _warn(self, message: str) -> None:
+        self.notify("warning", message)
 
     def _on_presenter(self, event):
         self.page_control.presenter = event.new
@@ -211,7 +220,8 @@ class Dashboard(pn.viewable.Viewer):
 
     def _build_views(self):
         s = self.state
-        self.screen = RouterScreen(name="router_screen", sizing_mode="stretch_width", margin=(4, 6)).follow(s)
+        self.screen = refuse_bad_values(RouterScreen(name="router_screen", sizing_mode="stretch_width",
+                                                     margin=(4, 6)).follow(s), self._warn)
         # the page asks again when a routing it asked for is not back after 1.5 s: the load test saw a scheduled
         # routing never run about once in 1,400 updates with 40 students busy (no error logged)
         self.screen.param.watch(lambda e: self._scheduled_route(), "nudge")
@@ -590,7 +600,7 @@ class Dashboard(pn.viewable.Viewer):
                                                 margin=(4, 6), stylesheets=[".bk-btn-group { flex-wrap: wrap; }"],
                                                 visible="tabs" not in self.page.get("hide", []))
         self.tab_views = pn.Column(self._views["router"], sizing_mode="stretch_width", margin=0)
-        self.tabs.param.watch(self._on_tab, "value")
+        refuse_bad_values(self.tabs, self._warn).param.watch(self._on_tab, "value")
         if self.page.get("tab") in self.tab_names:
             self.show_tab(self.page["tab"])
         if self.page.get("lesson"):

@@ -28,6 +28,11 @@ RECIPE_LABELS = {
     "untrained": "untrained",
 }
 MAX_TEXT_CHARS = 200_000  # longer pastes are cut before tokenising (the token limit cuts again)
+# tokens the live view routes: a page of text (~400 words), ~0.1 s on one core. Routing holds the server's
+# event loop, so a longer one would stall every other student's update: two students pasting 4,096-token
+# texts (1.2-1.6 s each) raised the others' update p95 from 0.22 to 1.49 s (issue #23). The CLI routes
+# up to MAX_TOKENS.
+LIVE_TOKENS = 512
 ROUTE_CACHE_SIZE = 64     # routings remembered per process (texts up to ROUTE_CACHE_CHARS)
 ROUTE_CACHE_CHARS = 4_000
 _routes: OrderedDict = OrderedDict()
@@ -77,7 +82,7 @@ def routed(model, text: str, request: RoutingRequest) -> RouteResult:
     if hit is not None:
         _routes.move_to_end(key)
         return hit[1]
-    res = route_text(model, text, request, max_tokens=MAX_TOKENS, truncate=True)
+    res = route_text(model, text, request, max_tokens=LIVE_TOKENS, truncate=True)
     if len(text) <= ROUTE_CACHE_CHARS:
         _routes[key] = (model.model, res)
         if len(_routes) > ROUTE_CACHE_SIZE:
@@ -265,8 +270,8 @@ class RouterState(param.Parameterized):
             return self._fail(str(e))
         ms = (time.perf_counter() - t0) * 1e3
         if res.truncated:
-            notice = (f"The text has {res.n_tokens_in_text:,} tokens; only the first {MAX_TOKENS:,} are routed "
-                      f"(the limit per request).")
+            notice = (f"The text has {res.n_tokens_in_text:,} tokens; the live view routes the first {LIVE_TOKENS:,} "
+                      f"(moe-lab route takes up to {MAX_TOKENS:,}).")
         sel = min(self.selected_token, len(res.tokens) - 1)
         self.param.update(result=res, error="", notice=notice, route_ms=ms, selected_token=max(sel, 0))
         return res
@@ -284,5 +289,5 @@ class RouterState(param.Parameterized):
         return [] if self.result is None else list(range(len(self.result.routings)))
 
 
-__all__ = ["RouterState", "examples", "catalog", "corpus_profile", "routed", "preload_models", "MAX_TEXT_CHARS",
+__all__ = ["RouterState", "examples", "catalog", "corpus_profile", "routed", "preload_models", "MAX_TEXT_CHARS", "LIVE_TOKENS",
            "bound_route_threads"]

@@ -285,6 +285,11 @@ def fresh_text(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 40))) + f" {rng.randint(0, 10**9)}"
 
 
+def long_text(rng: random.Random, words: int = 3500) -> str:
+    """A fresh paste of over 4,096 tokens (an article): what a heavy student sends (--heavy)."""
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + f" {rng.randint(0, 10**9)}"
+
+
 def walk_objects(node, out: dict) -> None:
     """Collect {id: (type name, attributes)} for every model in a serialized Bokeh document."""
     if isinstance(node, dict):
@@ -526,9 +531,10 @@ class LightSession:
         return time.monotonic() - t0
 
     async def act(self, kind: str, rng: random.Random) -> float:
-        """One student action: 'text' (fresh text), 'k', 'n' (another N) or 'scheme'."""
-        if kind == "text":
-            return await self.set([("text", "value", fresh_text(rng))])
+        """One student action: 'text' (fresh text), 'paste' (a fresh 4,096+ token text), 'k', 'n' (another N)
+        or 'scheme'."""
+        if kind in ("text", "paste"):
+            return await self.set([("text", "value", fresh_text(rng) if kind == "text" else long_text(rng))])
         if kind == "k" and self.off.get("k") and (not self.ids["cf"] or self.off.get("cf")):
             kind = "scheme"             # nothing else to move: another scheme
         if kind == "k" and self.off.get("k"):
@@ -639,12 +645,13 @@ def summary(xs: list[float]) -> dict:
 
 async def run_load(url: str, sessions: int, browsers: int, minutes: float, think: tuple[float, float],
                    arrival_s: float, timeout_s: float, seed: int, sample=None, source_ips: int = 0,
-                   cpu=None, client_nice: int = 0) -> dict:
+                   cpu=None, client_nice: int = 0, heavy: int = 0) -> dict:
     """Open `sessions` sessions (the first `browsers` in chromium) within `arrival_s` seconds, keep
-    them busy for `minutes`, close them. Returns the client-side measurements."""
+    them busy for `minutes`, close them. The last `heavy` sessions paste a fresh 4,096+ token text at
+    every action; their own updates are reported apart ("heavy"). Returns the client-side measurements."""
     rng = random.Random(seed)
-    loads = {"browser": [], "light": []}
-    updates = {"browser": [], "light": []}
+    loads = {"browser": [], "light": [], "heavy": []}
+    updates = {"browser": [], "light": [], "heavy": []}
     # an update made while others are still opening waits behind their page builds (each holds the
     # server's event loop for about a second): reported apart from the updates once everyone is in
     by_phase = {"arriving": [], "all_arrived": []}
@@ -653,7 +660,7 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
 
     async def student(i: int, browser):
         r = random.Random(seed * 1000 + i)
-        kind = "browser" if browser is not None else "light"
+        kind = "browser" if browser is not None else "heavy" if i >= sessions - heavy else "light"
         await asyncio.sleep(r.uniform(0, arrival_s))
         ctx = sess = None
         try:
@@ -664,14 +671,15 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
                 sess = LightSession(url, timeout_s=timeout_s, source_ip=src)
                 dt = await sess.open()
             loads[kind].append(dt)
-            n_open = len(loads["browser"]) + len(loads["light"])
+            n_open = sum(map(len, loads.values()))
             if n_open % 10 == 0 or n_open == sessions:
                 print(f"[{time.monotonic() - t_start:6.0f} s] {n_open}/{sessions} sessions open", file=sys.stderr)
             while end_at[0] is None or time.monotonic() < end_at[0]:
                 await asyncio.sleep(r.uniform(*think))
                 if end_at[0] is not None and time.monotonic() >= end_at[0]:
                     break
-                action = r.choice(["text", "k", "k"] if browser is not None else ["text", "k", "n", "scheme"])
+                action = ("paste" if kind == "heavy" else
+                          r.choice(["text", "k", "k"] if browser is not None else ["text", "k", "n", "scheme"]))
                 phase = "arriving" if end_at[0] is None else "all_arrived"
                 try:
                     if browser is not None:
@@ -679,7 +687,8 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
                     else:
                         dt = await sess.act(action, r)
                     updates[kind].append(dt)
-                    by_phase[phase].append(dt)
+                    if kind != "heavy":                      # the phases are the other students' updates
+                        by_phase[phase].append(dt)
                 except Exception as e:  # noqa: BLE001 - counted and reported; the student carries on
                     failures.append(f"{kind} {i} {action}: {type(e).__name__}: {str(e)[:160]}")
                     if sess is not None and sess.closed:
@@ -760,6 +769,7 @@ async def run_load(url: str, sessions: int, browsers: int, minutes: float, think
             "page_load_all": summary(loads["browser"] + loads["light"]),
             "update_browser": summary(updates["browser"]), "update_light": summary(updates["light"]),
             "update_all": summary(updates["browser"] + updates["light"]),
+            "update_heavy_pasters": summary(updates["heavy"]), "heavy_pasters": heavy,
             "update_while_others_arrive": summary(by_phase["arriving"]),
             "update_once_all_arrived": summary(by_phase["all_arrived"]),
             "client_failures": len(failures), "client_failure_samples": failures[:10],
@@ -821,6 +831,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="an environment variable for the app server(s) only, e.g. MOE_LAB_ALLOCATOR=system "
                          "(repeatable; the clients keep this process's environment)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heavy", type=int, default=0,
+                    help="of the sessions, how many paste a fresh 4,096+ token text at every action (reported apart)")
     ap.add_argument("--client-nice", type=int, default=19,
                     help="CPU priority (nice) of the chromium pages: 19 = only CPU the server leaves idle, "
                          "as on the students' own computers; 0 = compete with the server")
@@ -892,7 +904,7 @@ def main(argv: list[str] | None = None) -> int:
         mark = len(lines())
         res.update(asyncio.run(run_load(url, args.sessions, args.browsers, args.minutes, think, args.arrival,
                                         args.timeout, args.seed, sample, args.source_ips, cpu,
-                                        args.client_nice)))
+                                        args.client_nice, args.heavy)))
         if servers:
             log = lines()
             mark_close = len(log)

@@ -3,10 +3,9 @@ import html
 
 import pytest
 
-from app.state import MAX_TEXT_CHARS, RouterState, catalog, examples
+from app.state import LIVE_TOKENS, MAX_TEXT_CHARS, RouterState, catalog, examples
 from app.views.panels import balance_table, counters, published_table, token_detail, visible
 from app.views.screen import screen_data
-from moe_core.inference import MAX_TOKENS
 
 
 @pytest.fixture
@@ -85,7 +84,7 @@ def test_bad_input_sets_an_error_and_keeps_the_last_result(state):
 def test_huge_paste_is_truncated_with_a_notice():
     s = RouterState(text="7 " * 300_000)
     res = s.route()
-    assert len(res.tokens) == MAX_TOKENS and res.truncated
+    assert len(res.tokens) == LIVE_TOKENS and res.truncated
     assert "first" in s.notice
     assert len("7 " * 300_000) > MAX_TEXT_CHARS
 

@@ -2,7 +2,7 @@
 parameter never run, sessions never see each other's text, no file outside the app is served."""
 import pytest
 import requests
-from playwright.sync_api import Browser, Page
+from playwright.sync_api import Browser, Page, expect
 
 from tests.conftest import wait_until_served
 from tests.test_ui import JOINED_TOKENS, SCREEN_DATA, open_app, press_slider, set_text, token_stripes, token_texts
@@ -122,3 +122,18 @@ def test_websocket_from_a_foreign_origin_is_refused_by_the_cli_server():
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_a_value_no_control_offers_is_refused_with_a_message(page: Page, app_url):
+    """A crafted websocket message (k = 999 set on the slider's model in the page) changes nothing on the
+    server: the page says so, the slider shows k = 2 again, and the next real change still routes."""
+    open_app(page, app_url)
+    before = token_stripes(page)
+    page.evaluate("""() => { const m = [...Bokeh.documents[0].all_models].find(m => m.title === 'k (experts per token)');
+                             m.value = 999; m.value_throttled = 999; }""")
+    expect(page.locator(".toast-msg").first).to_contain_text("not applied")
+    expect(page.locator(".bk-slider-title", has_text="k (experts per token)").first).to_contain_text("2")
+    assert token_stripes(page) == before and page.evaluate(f"() => {SCREEN_DATA}.k") == 2
+    press_slider(page, "k (experts per token)", "ArrowRight", "3")
+    expect(page.locator(".bk-slider-title", has_text="k (experts per token)").first).to_contain_text("3")
+    page.wait_for_function(f"() => {SCREEN_DATA}.k === 3")

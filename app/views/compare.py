@@ -15,12 +15,12 @@ from bokeh.models import ColumnDataSource, FactorRange
 from bokeh.plotting import figure
 
 from moe_core.analysis.compare import compare_results
-from moe_core.inference import MAX_TOKENS, route_text
+from moe_core.inference import route_text
 from moe_core.model.checkpoint import load
 from moe_core.model.request import RoutingRequest
 from moe_core.model.routing import SCHEMES
 
-from ..state import MAX_TEXT_CHARS, RouterState, catalog
+from ..state import LIVE_TOKENS, MAX_TEXT_CHARS, RouterState, catalog
 from .panels import chip, visible
 
 MAX_CHANGED_LISTED = 40
@@ -118,7 +118,7 @@ class CompareView(pn.viewable.Viewer):
             return
         model_b = load(self.model_b.value)
         try:
-            b = route_text(model_b, s.text[:MAX_TEXT_CHARS], self.request_b(), max_tokens=MAX_TOKENS, truncate=True)
+            b = route_text(model_b, s.text[:MAX_TEXT_CHARS], self.request_b(), max_tokens=LIVE_TOKENS, truncate=True)
         except ValueError as e:
             self.error = str(e)
             if self._notify:

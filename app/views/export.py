@@ -85,7 +85,8 @@ class ExportPanel(pn.viewable.Viewer):
         """The PyTorch code for the routing on screen (the text cut at max_text_chars, for display)."""
         res, model, text, req = self._routed
         shipped = model.name in {m["name"] for m in catalog()}     # cached: no disk reads per routing
-        return pytorch_snippet(model, req, text[:max_text_chars], truncate=res.truncated, shipped=shipped)
+        return pytorch_snippet(model, req, text[:max_text_chars], shipped=shipped,
+                               max_tokens=len(res.tokens) if res.truncated else None)
 
     # -- files (called on click) -------------------------------------------------------
 

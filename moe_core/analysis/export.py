@@ -19,7 +19,6 @@ import io
 import json
 import keyword
 
-from ..inference import MAX_TOKENS
 from ..model.checkpoint import list_checkpoints
 
 # The CSV columns, in order, and what each one means (the app lists them beside the download).
@@ -173,7 +172,7 @@ def _literal(value) -> str:
     return text
 
 
-def pytorch_snippet(model, request: dict, text: str, *, truncate: bool = False,
+def pytorch_snippet(model, request: dict, text: str, *, max_tokens: int | None = None,
                     with_layer: bool = True, shipped: bool | None = None) -> str:
     """A short, runnable script that loads the same checkpoint and routes `text` with `request`.
 
@@ -182,8 +181,8 @@ def pytorch_snippet(model, request: dict, text: str, *, truncate: bool = False,
     capacity_factor). The text is embedded with `repr()`, which always yields a
     valid Python string literal (quotes, backslashes, newlines, triple quotes,
     control and bidi characters are all escaped), so a hostile text can never
-    turn into code. `truncate=True` is passed on when the app cut a long text at
-    MAX_TOKENS tokens. With `with_layer`, the snippet ends with the same routing
+    turn into code. `max_tokens` (with truncate=True) is passed on when the app cut a
+    long text at that many tokens. With `with_layer`, the snippet ends with the same routing
     on a bare `MoELayer` of the model's shape, for use in one's own model.
     `shipped` says whether the model is a checkpoint in assets/checkpoints
     (None: look it up there).
@@ -201,8 +200,8 @@ def pytorch_snippet(model, request: dict, text: str, *, truncate: bool = False,
     for key, value in request.items():   # any other route_text option the app passes (e.g. an ablation)
         if key not in ("scheme", "top_k", "capacity_factor") and value not in (None, {}, []):
             args.append(f"{_identifier(key)}={_literal(value)}")
-    if truncate:
-        args.append(f"truncate=True, max_tokens={MAX_TOKENS}")
+    if max_tokens is not None:
+        args.append(f"truncate=True, max_tokens={int(max_tokens)}")
 
     lines = ["# MoE Router Lab: route a text the way the dashboard did (pip install -e . in the repository)"]
     if shipped:
