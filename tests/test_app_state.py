@@ -109,7 +109,9 @@ def test_views_escape_user_text():
 def test_panels_show_real_numbers(state):
     res = state.result
     table = balance_table(res, [0, 1])
-    assert "Load-balance loss" in table and "Layer 1" in table
+    assert "Load-balance loss" in table and "Layer 1" in table and "Jain" in table
+    pairs = len(res.routings) * res.routings[0].n_experts
+    assert "Expert coverage" in table and f"of {pairs}" in table or f"all {pairs} used" in table
     c = counters(res, state.model.config)
     assert f"{res.params.total:,}" in c and f"{res.params.active_per_token:,}" in c
     p = published_table()

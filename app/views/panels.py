@@ -12,7 +12,7 @@ import math
 import re
 from functools import lru_cache
 
-from moe_core.analysis.metrics import METRICS
+from moe_core.analysis.metrics import COVERAGE, METRICS, balance_metrics, coverage_curve
 from moe_core.model.checkpoint import ASSETS
 from moe_core.model.published import compute, memory_bytes, published_models
 from moe_core.model.routing import SCHEMES
@@ -75,8 +75,6 @@ def token_detail(result, layers: list[int], selected: int) -> str:
 
 def balance_table(result, layers: list[int]) -> str:
     """The balance metrics per layer, each name carrying its one-line definition."""
-    from moe_core.analysis.metrics import balance_metrics
-
     if result is None:
         return ""
     metrics = {li: balance_metrics(result.routings[li]) for li in layers}
@@ -96,7 +94,24 @@ def balance_table(result, layers: list[int]) -> str:
         rows.append(f"<tr><th scope='row'><abbr title='{esc(definition, quote=True)}' tabindex='0'>{esc(label)}</abbr>"
                     f"<span class='def'>{esc(definition)}</span></th>{''.join(cells)}</tr>")
     return (f"<table class='metrics'><thead><tr><th>metric (hover or focus for its definition)</th>{head}</tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table>")
+            f"<tbody>{''.join(rows)}</tbody></table>" + coverage_html(result))
+
+
+def coverage_html(result, width: int = 240, height: int = 48) -> str:
+    """The expert-coverage curve of the text as a small inline SVG (numbers only), with its definition."""
+    curve = coverage_curve(result.routings)
+    pairs = len(result.routings) * result.routings[0].n_experts
+    T = len(curve)
+    pts = " ".join(f"{width * t / max(T - 1, 1):.1f},{height - height * c / pairs:.1f}" for t, c in enumerate(curve))
+    full = next((t + 1 for t, c in enumerate(curve) if c == pairs), None)
+    said = (f"all {pairs} used after {full:,} of {T:,} tokens" if full else
+            f"{curve[-1]} of {pairs} used after {T:,} tokens; {pairs - curve[-1]} never")
+    label, definition = COVERAGE
+    return (f"<div class='coverage'><abbr title='{esc(definition, quote=True)}' tabindex='0'>{esc(label)}</abbr>: "
+            f"(layer, expert) pairs that processed a token, {esc(said)}.<br>"
+            f"<svg width='{width}' height='{height}' role='img' aria-label='{esc(label)}: {esc(said)}'>"
+            f"<line x1='0' y1='1' x2='{width}' y2='1' stroke='#9ca3af' stroke-dasharray='3 3'/>"
+            f"<polyline points='{pts}' fill='none' stroke='#0b3d6e' stroke-width='2'/></svg></div>")
 
 
 def counters(result, config) -> str:

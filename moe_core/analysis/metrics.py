@@ -17,6 +17,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "z_loss": ("Router z-loss", "Mean over tokens of logsumexp(router logits)^2: large when router logits grow (ST-MoE)."),
     "cv": ("CV of load", "Standard deviation / mean of tokens per expert: 0 when every expert gets the same number of tokens."),
     "entropy": ("Load entropy", "Entropy (nats) of the share of tokens each expert processes: ln N when perfectly even, 0 when one expert takes all."),
+    "entropy_norm": ("Normalised entropy", "Load entropy / ln N: 1.0 when every expert processes the same share, 0 when one takes all; compares layers and models with different N."),
+    "jain": ("Jain's fairness", "(sum_e x_e)^2 / (N * sum_e x_e^2) over tokens per expert x_e: 1.0 when all are equal, 1/N when one expert takes all (Jain, Chiu and Hawe 1984)."),
     "n_eff": ("Effective experts", "exp(entropy): how many equally loaded experts would give the same entropy (N at best, 1 at worst)."),
     "gini": ("Gini", "Gini coefficient of tokens per expert: 0 = perfectly equal, towards 1 = one expert takes all."),
     "max_over_mean": ("Max / mean load", "Tokens of the busiest expert divided by the average: 1.0 is perfect balance."),
@@ -55,6 +57,8 @@ def balance_metrics(routing: Routing) -> dict[str, float | int]:
         "z_loss": float(routing.aux["z_loss"].detach()),
         "cv": float(load.std(unbiased=False).item() / mean) if mean else 0.0,
         "entropy": entropy,
+        "entropy_norm": entropy / math.log(N) if N > 1 else 1.0,
+        "jain": float(total**2 / (N * (load**2).sum().item())) if total else 0.0,
         "n_eff": math.exp(entropy) if total else 0.0,
         "gini": gini(load),
         "max_over_mean": float(load.max().item() / mean) if mean else 0.0,
@@ -62,3 +66,18 @@ def balance_metrics(routing: Routing) -> dict[str, float | int]:
         "drop_rate": float(routing.dropped.sum().item() / chosen) if chosen else 0.0,
         "top1_max_share": float(top1_share),
     }
+
+
+COVERAGE = ("Expert coverage", "How many of the model's (layer, expert) pairs have processed at least one token, as the "
+            "tokens of the text accumulate: it reaches layers x N only when no expert is left idle.")
+
+
+def coverage_curve(routings: list[Routing]) -> list[int]:
+    """After each token t (in text order), the number of (layer, expert) pairs that have processed at least
+    one of tokens 0..t: the expert-coverage curve practitioners ask for (dispatch after capacity)."""
+    if not routings:
+        return []
+    # the first token each (layer, expert) processed; never = T
+    T = routings[0].dispatch.shape[0]
+    first = torch.cat([torch.where(r.dispatch.any(0), r.dispatch.float().argmax(0), T) for r in routings])
+    return torch.bincount(first, minlength=T + 1)[:T].cumsum(0).tolist()
