@@ -131,6 +131,19 @@ def test_gradients_reach_router_and_the_chosen_experts_only():
         assert (layer.experts.w_in.grad[unused] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_input_in_another_float_precision_is_cast_to_the_layers_dtype_and_back(dtype):
+    # the documented choice (MoELayer's docstring): computed in the layer's dtype, returned in the input's
+    layer = make_layer(n_shared=1)
+    x = torch.randn(3, 7, 16).to(dtype).requires_grad_()
+    y, r = layer(x)
+    y_ref, r_ref = layer(x.detach().float())
+    assert y.dtype == dtype and torch.equal(r.indices, r_ref.indices)
+    torch.testing.assert_close(y, y_ref.to(dtype))
+    y.float().square().sum().backward()
+    assert x.grad.dtype == dtype and torch.isfinite(x.grad).all() and layer.router.weight.grad is not None
+
+
 def test_bad_layer_settings():
     with pytest.raises(ValueError, match="at least 1"):
         MoELayer(16, 24, 0, 1)
@@ -147,6 +160,12 @@ def test_bad_layer_settings():
         layer(torch.randn(4, 16), capacity_factor=1.0)
     with pytest.raises(ValueError, match="does not take"):
         layer(torch.randn(4, 16), n_groups=2)
+    with pytest.raises(ValueError, match="floating-point input"):
+        layer(torch.ones(4, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="group_size"):
+        MoELayer(16, 24, 4, 2, group_size=0)
+    with pytest.raises(ValueError, match="normalize must be True or False"):   # checked when built, not at the first call
+        MoELayer(16, 24, 4, 2, normalize="yes")
 
 
 def test_dense_ffn_and_device_choice():

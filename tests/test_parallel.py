@@ -255,8 +255,8 @@ def test_cli_route_json_matches_single_process():
 
 @pytest.mark.parametrize("args, message", [
     (["route", "--expert-parallel", "3", "hello"], "must divide the number of experts N = 8"),
-    (["route", "--expert-parallel", "0", "hello"], "expected a whole number >= 1"),
-    (["route", "--expert-parallel", "-2", "hello"], "expected a whole number >= 1"),
+    (["route", "--expert-parallel", "0", "hello"], "expected a whole number from 1"),
+    (["route", "--expert-parallel", "-2", "hello"], "expected a whole number from 1"),
     (["route", "--expert-parallel", "two", "hello"], "expected a whole number"),
     (["route", "--expert-parallel", "16", "--model", "moe-n8", "hello"], "must divide"),
     (["route", "--expert-parallel", "32", "--model", "moe-n32", "hello"], "at most 16 local processes"),

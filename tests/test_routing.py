@@ -189,6 +189,23 @@ def test_capacity_formula():
     assert expert_capacity(10, 4, 1.0) == 3   # ceil(2.5)
     assert expert_capacity(10, 1, 1.1) == 11  # no float noise: 1.1 * 10 is 11, not 12
     assert expert_capacity(3, 64, 1.0) == 1   # at least one slot
+    assert expert_capacity(0, 4, 64) == 1 and expert_capacity(10, 1, 64) == 640
+    for args in [(8, 0), (8, 4, 1e308), (8, 4, 65), ("8", 4), (8, 4.0), (True, 4)]:
+        with pytest.raises(ValueError, match="number of|capacity factor"):
+            expert_capacity(*args)
+
+
+def test_router_logits_must_be_finite_and_below_the_float32_limit():
+    # finite logits up to 1e18 give a finite routing (the z-loss logsumexp^2 stays below float32's 3.4e38);
+    # larger ones, NaN or infinity, integer or meta tensors are refused with a sentence, in every scheme
+    for name in SCHEMES:
+        k = 2 if SCHEMES[name].uses_k else None
+        r = route(torch.tensor([[1e18, -1e18, 0.0, 5.0]] * 3), name, k=k)
+        assert torch.isfinite(r.weights).all() and all(torch.isfinite(v) for v in r.aux.values())
+        for bad, message in [(torch.full((3, 4), 2e18), "reach 2e\\+18"), (torch.full((3, 4), float("inf")), "NaN"),
+                             (torch.ones(3, 4, dtype=torch.long), "floating-point"), (torch.ones(3, 4, device="meta"), "meta")]:
+            with pytest.raises(ValueError, match=message):
+                route(bad, name, k=k)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -203,7 +220,14 @@ def test_capacity_formula():
     (lambda: gshard(torch.randn(4, 4), second_policy="best"), "unknown second_policy"),
     (lambda: deepseek(torch.randn(4, 6), 2, n_groups=4), "must divide"),
     (lambda: deepseek(torch.randn(4, 8), 2, n_groups=8), "at least 2 experts"),
-    (lambda: deepseek(torch.randn(4, 8), 2, n_groups=2, topk_groups=3), "topk_groups"),
+    (lambda: deepseek(torch.randn(4, 8), 2, n_groups=2, topk_groups=3), "topk_groups .* from 1 to 2, got 3"),
+    (lambda: deepseek(torch.randn(4, 8), 2, bias=torch.zeros(8, 1)), r"shape \(8,\)"),
+    (lambda: deepseek(torch.randn(4, 8), 2, normalize=1), "normalize must be True or False"),
+    (lambda: softmax_topk(torch.randn(4, 4), 2, normalize="no"), "normalize must be True or False"),
+    (lambda: noisy_topk(torch.randn(4, 4), 2, noise_epsilon=0.0), "noise_epsilon must be a positive number"),
+    (lambda: gshard(torch.randn(4, 4), batch_prioritized=None), "batch_prioritized"),
+    (lambda: switch(torch.randn(4, 4), capacity=10**30), "at least 1 token slot"),
+    (lambda: update_bias(torch.zeros(4), torch.ones(4), -0.1), "non-negative"),
     (lambda: deepseek(torch.randn(4, 8), 5, n_groups=2, topk_groups=1), "cannot be picked"),
     (lambda: route(torch.randn(4, 4), "magic", k=2), "unknown routing scheme"),
     (lambda: route(torch.randn(4, 4), "switch", k=2), "always sends each token to 1"),

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ..perf.experts import run_experts
 from .request import RoutingRequest
-from .routing import SCHEMES, Routing, get_scheme, route, update_bias
+from .routing import SCHEMES, Routing, _whole, get_scheme, route, update_bias
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -35,6 +35,8 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or mps")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("CUDA was requested but no CUDA GPU is available on this machine")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise ValueError("MPS (Apple GPU) was requested but is not available on this machine")
     return torch.device(device)
 
 
@@ -125,6 +127,12 @@ class MoELayer(nn.Module):
     compete across them) unless `group_size` splits them into consecutive
     groups. Routing options can be overridden per call without touching the
     weights: `layer(x, top_k=4, scheme="switch", capacity_factor=1.5)`.
+
+    x must be a floating-point torch tensor on the layer's device. Input in another floating-point
+    precision than the layer's weights (float16, bfloat16, float64 for a float32 layer) is cast to the
+    layer's dtype, and y is returned in x's dtype (the router always scores in float32). Anything else
+    (integers, bool, complex, NumPy arrays, lists, meta tensors, another device, another shape) raises
+    ValueError, as do NaN or infinite values and finite ones so large that the result would not be finite.
     """
 
     def __init__(
@@ -149,10 +157,13 @@ class MoELayer(nn.Module):
         get_scheme(scheme)
         self.d_model, self.d_ff, self.n_experts = d_model, d_ff, n_experts
         self.top_k, self.scheme, self.n_shared = top_k, scheme, n_shared
-        self.group_size = router_options.pop("group_size", None)
+        self.group_size = _group_size(router_options.pop("group_size", None))
         self.router_options = router_options
         self._check_options(scheme, router_options)
-        RoutingRequest.make(self)               # the layer's own k and capacity factor must make a request
+        request = RoutingRequest.make(self)     # the layer's own k and capacity factor must make a request
+        if router_options:                      # the scheme checks its options: one dummy token through it now
+            with torch.random.fork_rng(devices=[]):         # (GShard's random policies draw: seeds stay as set)
+                route(torch.zeros(1, n_experts), scheme, request.top_k, **router_options)
         self.router = Router(d_model, n_experts)
         # noisy top-k learns a per-expert noise scale (zero-initialised as in tensor2tensor);
         # only models built for noisy top-k carry it, and noise only acts while training
@@ -196,6 +207,7 @@ class MoELayer(nn.Module):
         The weights are never touched, and the returned Routing still has N columns: zeros for disabled
         experts, whose raw router logits are kept in `logits` for display.
         """
+        self._check_input(x, dims=(2,))
         if request is None:
             off = overrides.pop("disabled_experts", None)
             request = RoutingRequest.make(self, overrides.pop("scheme", None), overrides.pop("top_k", None),
@@ -204,12 +216,12 @@ class MoELayer(nn.Module):
         scheme, k = request.scheme, request.top_k
         options = {**self.router_options, **overrides} if scheme == self.scheme else dict(overrides)
         options.pop("capacity_factor", None)
-        group_size = options.pop("group_size", self.group_size)
+        group_size = _group_size(options.pop("group_size", self.group_size))
         self._check_options(scheme, options)
         if request.capacity_factor is not None:
             options["capacity_factor"] = request.capacity_factor
         off = request.disabled(layer)
-        if off and scheme == "deepseek" and options.get("n_groups", 1) > 1:
+        if off and scheme == "deepseek" and options.get("n_groups", 1) != 1:
             raise ValueError("switching experts off is not supported with group-limited DeepSeek routing "
                              "(n_groups > 1): the expert groups would no longer be equal")
         logits = self.router(x)
@@ -263,15 +275,38 @@ class MoELayer(nn.Module):
             y += shared(x)
         `run_experts` computes exactly that, faster (one sort for all experts; threads or a grouped GEMM
         by device): see moe_core/perf/experts.py."""
-        shape = x.shape
-        if x.dim() not in (2, 3) or shape[-1] != self.d_model:
-            raise ValueError(f"MoELayer expects [B, T, {self.d_model}] or [T, {self.d_model}], got {tuple(shape)}")
-        x2 = x.reshape(-1, self.d_model)                      # (B*T, C)
+        self._check_input(x, dims=(3, 2))
+        x2 = x.reshape(-1, self.d_model).to(self.experts.w_in.dtype)   # (B*T, C), in the layer's dtype
         routing = self.route(x2, **overrides)
         y = run_experts(self.experts, x2, routing.indices, routing.weights)
         if self.shared is not None:
             y = y + self.shared(x2)
-        return y.view(shape), routing
+        y = y.view(x.shape).to(x.dtype)
+        if not _all_finite(y):
+            raise ValueError(f"the MoE layer's output overflowed (inf or NaN in {y.dtype}) although its input is "
+                             f"finite: the input (largest |x| = {float(x.abs().max()):.3g}) is far too large, or "
+                             f"the expert weights are broken; activations of order 1 (after a norm) are expected")
+        return y, routing
+
+    def _check_input(self, x, dims: tuple[int, ...]) -> None:
+        """x must be a floating-point tensor with values, on the layer's device, of shape [B, T, d_model]
+        (dims 3) or [T, d_model] (dims 2); ValueError otherwise. Cheap: nothing here reads x's values."""
+        want = " or ".join({3: f"[B, T, {self.d_model}]", 2: f"[T, {self.d_model}]"}[d] for d in dims)
+        if not isinstance(x, Tensor):
+            hint = " (torch.from_numpy(x) makes one)" if type(x).__module__ == "numpy" else ""
+            raise ValueError(f"MoELayer expects a torch tensor {want}, got {type(x).__name__}{hint}")
+        if x.dim() not in dims or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer expects {want}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoELayer expects floating-point input (float32, float16, bfloat16 or float64), "
+                             f"got {x.dtype}")
+        device = self.expert_bias.device
+        if x.is_meta or device.type == "meta":
+            raise ValueError("MoELayer cannot run on meta tensors (a shape without values): give it real input "
+                             "and weights")
+        if x.device != device:
+            raise ValueError(f"the input is on {x.device} but the layer's weights are on {device}: "
+                             f"move one to the other (x.to(...) or layer.to(...))")
 
     @torch.no_grad()
     def update_bias(self, load: Tensor, gamma: float) -> None:
@@ -282,6 +317,16 @@ class MoELayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_ff={self.d_ff}, n_experts={self.n_experts}, top_k={self.top_k}, "
                 f"scheme={self.scheme!r}, n_shared={self.n_shared}")
+
+
+def _group_size(v) -> int | None:
+    return None if v is None else _whole("group_size (tokens per routing group, or None for one group)", v)
+
+
+def _all_finite(t: Tensor) -> bool:
+    """No NaN or infinity in t: one sum (finite sum -> finite values), the exact check only if that overflowed."""
+    t = t.detach()
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _expand_routing(r: Routing, keep: Tensor, n_experts: int, logits: Tensor) -> Routing:

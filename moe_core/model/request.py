@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .routing import get_scheme
-
-MAX_CAPACITY_FACTOR = 64
+from .routing import MAX_CAPACITY_FACTOR, get_scheme
 
 
 @dataclass(frozen=True)

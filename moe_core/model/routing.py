@@ -25,6 +25,7 @@ one we follow):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Callable
 
@@ -144,6 +145,59 @@ class Routing:
 
 
 # ----------------------------------------------------------------------------- checks
+# Each public argument is checked once, where it enters (the scheme that uses it, `route`, `expert_capacity`),
+# by one of the small helpers below: bad input raises ValueError with a sentence saying what was expected.
+
+LOGIT_LIMIT = 1e18        # larger router logits overflow float32 in the z-loss (logsumexp^2 > 3.4e38)
+MAX_CAPACITY_FACTOR = 64  # cf * T / N stays a countable number of slots (RoutingRequest uses the same bound)
+_MAX_COUNT = 10**15       # token and slot counts: exact in float64 (expert_capacity), and fit a torch long
+
+
+def _whole(name: str, v, lo: int = 1, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        within = f">= {lo}" if hi is None else f"from {lo} to {hi:g}"
+        raise ValueError(f"{name} must be a whole number {within}, got {v!r}")
+    return v
+
+
+def _number(name: str, v, *, zero_ok: bool = False, hi: float = math.inf) -> float:
+    ok = isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+    if not ok or not (v >= 0 if zero_ok else v > 0) or v > hi:
+        most = f" (at most {hi:g})" if hi < math.inf else ""
+        raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} number{most}, got {v!r}")
+    return float(v)
+
+
+def _flag(name: str, v) -> bool:
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {v!r}")
+    return bool(v)
+
+
+def _generator(g) -> torch.Generator | None:
+    if g is not None and not isinstance(g, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(g).__name__}")
+    return g
+
+
+def _values(name: str, t, shape: tuple | None = None) -> Tensor:
+    """`t` if it is a floating-point tensor with values (not a meta tensor) of `shape`, all of them finite and
+    at most LOGIT_LIMIT in size; otherwise a ValueError that says which. One pass over t (aminmax)."""
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_meta:
+        got = type(t).__name__ if not isinstance(t, Tensor) else "a meta tensor (no values)" if t.is_meta else t.dtype
+        raise ValueError(f"{name} must be a floating-point tensor with values, got {got}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.numel():
+        lo, hi = torch.aminmax(t.detach())
+        size = float(torch.maximum(-lo, hi))               # NaN if any value is NaN
+        if not math.isfinite(size):
+            raise ValueError(f"{name} contain NaN or infinity: the weights or inputs that made them hold NaN or "
+                             f"infinity, or values beyond float32's range (3.4e38)")
+        if size > LOGIT_LIMIT:
+            raise ValueError(f"{name} reach {size:.3g}: routing computes in float32 and needs them below "
+                             f"{LOGIT_LIMIT:g} in size; the weights or inputs that made them are far too large")
+    return t
 
 
 def _check_logits(logits: Tensor) -> None:
@@ -155,10 +209,7 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError("a mixture of experts needs at least 1 expert (N >= 1), got N = 0")
     if T < 1:
         raise ValueError("there are no tokens to route (T = 0)")
-    # a NaN or infinity anywhere makes the sum non-finite: one cheap reduction, and the exact
-    # element-wise check only then (a finite sum can still overflow for absurd logits: checked too)
-    if not torch.isfinite(logits.sum()) and not torch.isfinite(logits).all():
-        raise ValueError("router logits contain NaN or infinity; the router weights or inputs are broken")
+    _values("router logits", logits)
 
 
 def _check_k(k, n_experts: int) -> int:
@@ -182,10 +233,9 @@ def expert_capacity(n_tokens: int, n_experts: int, capacity_factor: float = 1.0)
     round(cf * T/N) with a minimum of 4; we keep the plain ceiling so a student
     can check the number by hand.)
     """
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-        raise ValueError(f"capacity factor must be a number, got {capacity_factor!r}")
-    if not math.isfinite(capacity_factor) or capacity_factor <= 0:
-        raise ValueError(f"capacity factor must be a positive number, got {capacity_factor}")
+    n_tokens = _whole("the number of tokens", n_tokens, 0, _MAX_COUNT)
+    n_experts = _whole("the number of experts", n_experts, 1, _MAX_COUNT)
+    capacity_factor = _number("capacity factor", capacity_factor, hi=MAX_CAPACITY_FACTOR)
     # round away float noise first so that e.g. 1.1 * 10 / 1 gives 11, not 12
     return max(1, math.ceil(round(capacity_factor * n_tokens / n_experts, 9)))
 
@@ -195,8 +245,8 @@ def _resolve_capacity(capacity, capacity_factor, n_tokens: int, n_experts: int) 
         return expert_capacity(n_tokens, n_experts, capacity_factor)
     if isinstance(capacity, bool) or not isinstance(capacity, int):
         raise ValueError(f"capacity must be a whole number of token slots, got {capacity!r}")
-    if capacity <= 0:
-        raise ValueError(f"capacity must be at least 1 token slot per expert, got {capacity}")
+    if not 1 <= capacity <= _MAX_COUNT:
+        raise ValueError(f"capacity must be at least 1 token slot per expert (and at most {_MAX_COUNT:g}), got {capacity}")
     return capacity
 
 
@@ -359,6 +409,7 @@ def softmax_topk(logits: Tensor, k: int, *, normalize: bool = True) -> Routing:
     _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
+    normalize = _flag("normalize", normalize)
     probs = logits.float().softmax(dim=-1)
     top_p, top_i = _topk_lowest_index(probs, k)
     weights = top_p / top_p.sum(-1, keepdim=True) if normalize else top_p
@@ -394,11 +445,12 @@ def noisy_topk(
     _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
+    training, noise_epsilon = _flag("training", training), _number("noise_epsilon", noise_epsilon)
+    generator = _generator(generator)
     clean = logits.float()
     sigma = None
     if training and noise_logits is not None:
-        if noise_logits.shape != logits.shape:
-            raise ValueError(f"noise_logits must have the shape of logits {tuple(logits.shape)}, got {tuple(noise_logits.shape)}")
+        _values("noise logits", noise_logits, logits.shape)
         sigma = F.softplus(noise_logits.float()) + noise_epsilon
         noise = torch.randn(clean.shape, generator=generator, device=clean.device)
         noisy = clean + noise * sigma
@@ -485,6 +537,7 @@ def gshard(
         raise ValueError("GShard top-2 routing needs at least 2 experts (N >= 2)")
     if second_policy not in SECOND_POLICIES:
         raise ValueError(f"unknown second_policy {second_policy!r}; choose one of: {', '.join(SECOND_POLICIES)}")
+    batch_prioritized, generator = _flag("batch_prioritized", batch_prioritized), _generator(generator)
     C = _resolve_capacity(capacity, capacity_factor, T, N)
     logits32 = logits.float()
     probs = logits32.softmax(dim=-1)
@@ -661,27 +714,22 @@ def deepseek(
     _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
-    if isinstance(n_groups, bool) or not isinstance(n_groups, int) or n_groups < 1:
-        raise ValueError(f"n_groups must be a whole number >= 1, got {n_groups!r}")
+    n_groups = _whole("n_groups", n_groups)
     if N % n_groups:
         raise ValueError(f"n_groups = {n_groups} must divide the number of experts N = {N}")
     if n_groups > 1 and N // n_groups < 2:
         raise ValueError(f"each expert group needs at least 2 experts (N / n_groups = {N // n_groups}); use fewer groups")
-    if isinstance(topk_groups, bool) or not isinstance(topk_groups, int) or not 1 <= topk_groups <= n_groups:
-        raise ValueError(f"topk_groups must be between 1 and n_groups = {n_groups}, got {topk_groups!r}")
+    topk_groups = _whole("topk_groups (at most n_groups)", topk_groups, 1, n_groups)
     if n_groups > 1 and k > topk_groups * (N // n_groups):
         raise ValueError(
             f"top-k = {k} cannot be picked from {topk_groups} group(s) of {N // n_groups} experts; "
             f"raise topk_groups or lower k"
         )
-    if not math.isfinite(scaling) or scaling <= 0:
-        raise ValueError(f"scaling must be a positive number, got {scaling}")
+    normalize, scaling = _flag("normalize", normalize), _number("scaling", scaling)
     scores = torch.sigmoid(logits.float())
     choice = scores.detach()
     if bias is not None:
-        if bias.shape != (N,):
-            raise ValueError(f"bias must have one value per expert, shape ({N},), got {tuple(bias.shape)}")
-        choice = choice + bias.float().to(choice.device)
+        choice = choice + _values("bias values (one per expert)", bias, (N,)).float().to(choice.device)
     if n_groups > 1:
         grouped = choice.view(T, n_groups, N // n_groups)
         group_scores = grouped.topk(2, dim=-1).values.sum(-1)       # [T, G]
@@ -706,8 +754,9 @@ def update_bias(bias: Tensor, load: Tensor, gamma: float) -> Tensor:
     b_e <- b_e + gamma if it is underloaded; unchanged at exactly the mean.
     The paper uses gamma = 0.001 for most of pre-training. Returns a new tensor.
     """
-    if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"bias update rate gamma must be a non-negative number, got {gamma}")
+    gamma = _number("bias update rate gamma", gamma, zero_ok=True)
+    if not isinstance(load, Tensor):
+        raise ValueError(f"load must be a tensor of tokens per expert, got {type(load).__name__}")
     load = load.float().to(bias.device)
     if load.shape != bias.shape:
         raise ValueError(f"load {tuple(load.shape)} and bias {tuple(bias.shape)} must have one value per expert")
@@ -763,7 +812,7 @@ SCHEMES: dict[str, Scheme] = {
 
 
 def get_scheme(name: str) -> Scheme:
-    if name not in SCHEMES:
+    if not isinstance(name, str) or name not in SCHEMES:
         raise ValueError(f"unknown routing scheme {name!r}; choose one of: {', '.join(SCHEMES)}")
     return SCHEMES[name]
 
