@@ -3,6 +3,7 @@
     moe-lab params --model mixtral-8x7b --json     total vs active parameters
     moe-lab params --list                          every model it knows
     moe-lab route "def f(x): return 42" --json     route text through a trained model
+    moe-lab generate "Once upon a" --json          the model writes on, token by token, with each token's experts
     moe-lab models --json                          the shipped checkpoints
     moe-lab train --preset moe-n8                  reproduce a checkpoint
     moe-lab corpus                                 rebuild the corpus and tokenizer
@@ -239,6 +240,102 @@ def _route_table(res, model) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- generate
+
+
+def _temperature(text: str) -> float:
+    v = _number(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = greedy), got {text!r}")
+    return v
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    # one decode step is a few tiny matmuls: split over cores they only wait for each other (and, on a
+    # shared machine, for the other work), so it runs on one thread (put back after: tests call main())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _generate(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _generate(args) -> int:
+    import codecs
+    import time
+
+    from .data.tokenizer import get_tokenizer
+    from .generate import generate, prompt_ids
+    from .model.checkpoint import load
+    from .model.request import RoutingRequest
+
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model = load(args.model or "moe-n8")
+    request = RoutingRequest.make(model.config, args.scheme, args.top_k)
+    tok = get_tokenizer()
+    ids = prompt_ids(text, model.model, tok)
+    room = model.config.block_size - len(ids)
+    if args.max_new_tokens > room:
+        raise UsageError(f"moe-lab generate: --max-new-tokens must be from 1 to {room}: the context is "
+                         f"{model.config.block_size} tokens and the prompt has {len(ids)} (got {args.max_new_tokens})")
+    seed = args.seed
+    if seed is None and args.temperature > 0:     # a seed picked here is reported, so the run can be repeated
+        seed = int.from_bytes(os.urandom(8), "little")
+    stream = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed,
+                      request=request, tokenizer=tok)
+    if not args.json:
+        print(f"({model.name} is a small model trained for a few minutes: expect babble, not sense.)")
+        print(text, end="", flush=True)
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span two tokens
+    prefill, new = [], []
+    start = time.perf_counter()
+    prefilled = start
+    for t in stream:
+        if t.phase == "prefill":
+            prefill.append(t)
+            prefilled = time.perf_counter()
+            continue
+        new.append(t)
+        if not args.json:
+            print(utf8.decode(tok.token_bytes(t.id)), end="", flush=True)
+    seconds = time.perf_counter() - prefilled
+    tokens_per_s = round(len(new) / seconds, 1) if seconds > 0 else None
+    if args.json:
+        out = json.dumps({
+            "model": model.info(), **request.as_dict(), "temperature": args.temperature, "seed": seed,
+            "max_new_tokens": args.max_new_tokens, "context": model.config.block_size,
+            "prompt": text, "text": tok.decode(t.id for t in new),
+            "prefill": [t.as_dict() for t in prefill], "tokens": [t.as_dict() for t in new],
+            "prefill_ms": round((prefilled - start) * 1e3, 2), "tokens_per_s": tokens_per_s,
+        }, indent=2)
+        if not _encodable(out):
+            out = json.dumps(json.loads(out))
+        print(out)
+        return 0
+    print(utf8.decode(b"", final=True))
+    print(_generate_summary(prefill, new, request, args.temperature, seed, tokens_per_s, prefilled - start))
+    return 0
+
+
+def _generate_summary(prefill, new, request, temperature, seed, tokens_per_s, prefill_s) -> str:
+    how = "greedy" if temperature == 0 else f"temperature {temperature:g}, seed {seed}"
+    k = f", k={request.top_k}" if request.top_k else ""
+    lines = [(f"\n{len(prefill)} prompt tokens routed in one pass ({prefill_s * 1e3:.1f} ms), then {len(new)} new "
+              f"tokens one at a time ({tokens_per_s} tokens/s); {how}; scheme {request.scheme}{k}"),
+             "experts used by the new tokens (share of tokens), per layer:"]
+    for layer in range(len(new[0].experts)):
+        counts: dict[int, int] = {}
+        for t in new:
+            for e in t.experts[layer]:
+                counts[e] = counts.get(e, 0) + 1
+        top = sorted(counts.items(), key=lambda ec: (-ec[1], ec[0]))[:4]
+        lines.append(f"  layer {layer}: " + ", ".join(f"expert {e} {c / len(new):.0%}" for e, c in top))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- train / corpus / bench / serve
 
 
@@ -338,6 +435,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread the experts over P processes (torchrun; launched for you) and report the traffic")
     q.set_defaults(fn=cmd_route)
 
+    q = sub.add_parser("generate", help="a trained model continues a prompt token by token, showing each token's experts")
+    q.add_argument("prompt", help='the text to continue ("-" reads standard input)')
+    q.add_argument("--max-new-tokens", type=_int_in(1, 4096), default=64,
+                   help="tokens to write (at most the context, 256, minus the prompt's tokens); default 64")
+    q.add_argument("--temperature", type=_temperature, default=0.0,
+                   help="0 (default): greedy, always the most probable token; above 0: sampled, higher = more random")
+    q.add_argument("--seed", type=_int_in(0, 2**64 - 1), help="seed of the sampling (temperature > 0); default random")
+    q.add_argument("--model", type=_name, help="checkpoint name (moe-lab models); default moe-n8")
+    q.add_argument("--scheme", type=_name, help="routing scheme: softmax_topk, noisy_topk or deepseek "
+                                                "(the schemes that route each token on its own)")
+    q.add_argument("--top-k", type=_positive_int, help="experts per token")
+    q.add_argument("--json", action="store_true", help="print JSON: every token with its experts per layer")
+    q.set_defaults(fn=cmd_generate)
+
     q = sub.add_parser("train", help="train a model from a preset and save a checkpoint")
     q.add_argument("--preset", required=True, help="e.g. moe-n8, moe-n8-nobalance, tiny")
     q.add_argument("--steps", type=_int_in(1, 1_000_000))
@@ -359,14 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     q.set_defaults(fn=cmd_corpus)
 
-    q = sub.add_parser("bench", help="time the MoE layer against a dense FFN, and training/routing throughput")
+    q = sub.add_parser("bench", help="time the MoE layer against a dense FFN, and training/routing/generation throughput")
     q.add_argument("--json", action="store_true")
     q.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     q.add_argument("--experts", default="4,8,16,64,256", help="comma-separated N values")
     q.add_argument("--tokens", type=_int_in(1, 10_000_000), default=8192)
     q.add_argument("--repeats", type=_int_in(1, 1000), default=7)
     q.add_argument("--quick", action="store_true", help="fewer repeats and sizes (smoke test)")
-    q.add_argument("--skip", default="", help="comma-separated parts to skip: layer,train,route")
+    q.add_argument("--skip", default="", help="comma-separated parts to skip: layer,train,route,generate")
     q.add_argument("--malloc-defaults", action="store_true",
                    help="leave glibc's malloc returning freed memory to the OS after every pass "
                         "(see bench.keep_freed_memory)")

@@ -90,6 +90,22 @@ def test_params_of_a_shipped_checkpoint_follow_k(capsys):
     ["bench", "--device", "mps"],
     ["serve", "--port", "70000"],
     ["serve", "--port", "0"],
+    # generate (issue #24): counts, temperature and seed decided before work; group-routed schemes refused
+    ["generate", "hello", "--max-new-tokens", "0"],
+    ["generate", "hello", "--max-new-tokens", "256"],
+    ["generate", "hello", "--max-new-tokens", "99999"],
+    ["generate", "hello", "--temperature", "-1"],
+    ["generate", "hello", "--temperature", "nan"],
+    ["generate", "hello", "--temperature", "inf"],
+    ["generate", "hello", "--seed", "-1"],
+    ["generate", "hello", "--seed", "18446744073709551616"],
+    ["generate", "hello", "--scheme", "switch"],
+    ["generate", "hello", "--scheme", "expert_choice"],
+    ["generate", "hello", "--model", "moe-n8-switch"],
+    ["generate", "hello", "--top-k", "9"],
+    ["generate", "hello", "--model", ""],
+    ["generate", "hello", "--model", "nope"],
+    ["generate", ""],
 ])
 def test_bad_arguments_give_one_line_and_exit_2(args, capsys):
     code = main(args)          # in process (fast); the subprocess tests below cover the real entry point
@@ -135,8 +151,8 @@ def test_route_json_schema():
         assert all(len(row) == 2 for row in L["experts"])
         assert all(len(p) == N and abs(sum(p) - 1) < 1e-4 for p in L["probs"])
         assert sum(L["load"]) == 2 * T and L["capacity"] is None
-        assert set(L["metrics"]) == {"load_balance", "z_loss", "cv", "entropy", "n_eff", "gini",
-                                     "max_over_mean", "dead_experts", "drop_rate", "top1_max_share"}
+        assert set(L["metrics"]) == {"load_balance", "z_loss", "cv", "entropy", "entropy_norm", "jain", "n_eff",
+                                     "gini", "max_over_mean", "dead_experts", "drop_rate", "top1_max_share"}
     assert d["params"]["total"] > d["params"]["active_per_token"] > 0
     assert isinstance(d["loss"], float) and d["loss"] > 0
 

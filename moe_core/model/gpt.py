@@ -17,9 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layer import MoELayer
+from .layer import ACTIVATIONS, MoELayer
 from .request import RoutingRequest
-from .routing import Routing, get_scheme
+from .routing import MAX_CAPACITY_FACTOR, Routing, get_scheme
 
 
 @dataclass
@@ -51,17 +51,67 @@ class MoEConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "n_experts"):
             whole(name, 1)
         whole("n_shared", 0)
+        whole("top_k", 1)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model = {self.d_model} must be divisible by n_head = {self.n_head}")
+        if not isinstance(self.scheme, str):
+            raise ValueError(f"config scheme must be a routing scheme name, got {self.scheme!r}")
         s = get_scheme(self.scheme)
-        if s.uses_k and not (isinstance(self.top_k, int) and 1 <= self.top_k <= self.n_experts):
+        if s.uses_k and not self.top_k <= self.n_experts:
             raise ValueError(f"top_k must be between 1 and n_experts = {self.n_experts}, got {self.top_k!r}")
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:
+            raise ValueError(f"config activation must be one of: {', '.join(ACTIVATIONS)}; got {self.activation!r}")
+        cf = self.capacity_factor
+        if cf is not None:
+            if (isinstance(cf, bool) or not isinstance(cf, (int, float)) or not math.isfinite(cf)
+                    or not 0 < cf <= MAX_CAPACITY_FACTOR):
+                raise ValueError(f"config capacity_factor must be a number in (0, {MAX_CAPACITY_FACTOR}] "
+                                 f"or null, got {cf!r}")
+            if not s.uses_capacity:
+                raise ValueError(f"{self.scheme} has no capacity; leave capacity_factor unset")
+        if self.group_size is not None:
+            whole("group_size", 1)
         for name in ("aux_loss_coef", "z_loss_coef", "cv_loss_coef", "bias_update_rate"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"config {name} must be a non-negative number, got {v!r}")
         if self.bias_update_rate and self.scheme != "deepseek":
             raise ValueError("bias balancing (bias_update_rate > 0) needs the deepseek routing scheme")
+
+    def param_count(self) -> int:
+        """Parameters of MoEGPT(self), tied embedding once, computed from the numbers alone (allocates nothing).
+        Equals count_params(MoEGPT(self)).total (tests/test_untrusted.py checks it)."""
+        d, f, n = self.d_model, self.d_ff, self.n_experts
+        d_in = 2 * f if self.activation == "swiglu" else f
+        per_layer = (4 * d * d                                      # attention: c_attn (3d x d) + c_proj (d x d)
+                     + 2 * d                                        # ln_1, ln_2
+                     + n * d * (2 if self.scheme == "noisy_topk" else 1)   # router (+ noise scale)
+                     + n * (d * d_in + f * d))                      # routed experts
+        if self.n_shared:
+            s = self.n_shared * f
+            per_layer += d * (2 * s if self.activation == "swiglu" else s) + s * d
+        return (self.vocab_size + self.block_size) * d + self.n_layer * per_layer + d   # + ln_f
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> shape of every tensor a checkpoint of this config stores (MoEGPT's state_dict without the
+        tied lm_head.weight), from the numbers alone (allocates no tensor). O(n_layer): check the size first."""
+        d, f, n = self.d_model, self.d_ff, self.n_experts
+        d_in = 2 * f if self.activation == "swiglu" else f
+        shapes = {"wte.weight": (self.vocab_size, d), "wpe.weight": (self.block_size, d)}
+        for i in range(self.n_layer):
+            b = f"blocks.{i}."
+            shapes.update({b + "ln_1.weight": (d,), b + "attn.c_attn.weight": (3 * d, d),
+                           b + "attn.c_proj.weight": (d, d), b + "ln_2.weight": (d,),
+                           b + "moe.expert_bias": (n,), b + "moe.router.weight": (n, d)})
+            if self.scheme == "noisy_topk":
+                shapes[b + "moe.noise.weight"] = (n, d)
+            shapes.update({b + "moe.experts.w_in": (n, d, d_in), b + "moe.experts.w_out": (n, f, d)})
+            if self.n_shared:
+                s = self.n_shared * f
+                shapes.update({b + "moe.shared.ffn.w_in": (1, d, 2 * s if self.activation == "swiglu" else s),
+                               b + "moe.shared.ffn.w_out": (1, s, d)})
+        shapes["ln_f.weight"] = (d,)
+        return shapes
 
     def router_options(self) -> dict:
         opts = {}
@@ -96,13 +146,26 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: list | None = None) -> Tensor:
+        """`cache` (decoding): a list, empty at first, that holds this layer's keys and values of every
+        position seen so far; x is then only the new positions, and they attend to the cached ones too."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        past = 0
+        if cache is not None:
+            if cache:
+                past = cache[0].size(2)
+                k = torch.cat([cache[0], k], dim=2)                      # (B, nh, past + T, hs)
+                v = torch.cat([cache[1], v], dim=2)                      # (B, nh, past + T, hs)
+            cache[:] = [k, v]
+        if past == 0 or T == 1:   # no cache yet: causal; one new position: it sees everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0)
+        else:                     # several new positions: each sees the cache and the new ones up to itself
+            allowed = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                 # (B, T, C)
         return self.c_proj(y)
 
@@ -118,8 +181,9 @@ class Block(nn.Module):
             n_shared=cfg.n_shared, activation=cfg.activation, **cfg.router_options(),
         )
 
-    def forward(self, x: Tensor, mask: Tensor | None, request: RoutingRequest, layer: int) -> tuple[Tensor, Routing]:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, mask: Tensor | None, request: RoutingRequest, layer: int,
+                cache: list | None = None) -> tuple[Tensor, Routing]:
+        x = x + self.attn(self.ln_1(x), cache)
         h = self.ln_2(x)
         if mask is None:
             y, routing = self.moe(h, request=request, layer=layer)
@@ -177,6 +241,24 @@ class ModelOutput:
         return iter((self.logits, self.loss, self.routings))
 
 
+def _token_ids(name: str, t, device: torch.device, lo: int, hi: int, shape: tuple | None = None) -> Tensor:
+    """t as a long tensor, if it is an integer tensor [B, T] (of `shape`) on `device` with values lo..hi-1;
+    otherwise a ValueError that says what was expected."""
+    want = f"{name} must be an integer tensor [B, T] of values from {lo} to {hi - 1}"
+    if not isinstance(t, Tensor) or t.dtype not in (torch.long, torch.int) or t.dim() != 2:
+        got = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{want}, got {got}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} must have the shape of idx {tuple(shape)}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the model is on {device}: move one to the other")
+    if t.numel():
+        least, most = (int(v) for v in torch.aminmax(t))
+        if least < lo or most >= hi:
+            raise ValueError(f"{want}, got values from {least} to {most}")
+    return t.long()
+
+
 class MoEGPT(nn.Module):
     def __init__(self, cfg: MoEConfig):
         super().__init__()
@@ -202,9 +284,19 @@ class MoEGPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.moe for b in self.blocks]
 
+    def kv_cache(self) -> list[list]:
+        """An empty KV cache for `forward(..., cache=)`: one list per block, filled as positions go through."""
+        return [[] for _ in self.blocks]
+
     def forward(self, idx: Tensor, targets: Tensor | None = None, *, mask: Tensor | None = None,
-                return_logits: bool = True, request: RoutingRequest | None = None) -> ModelOutput:
+                return_logits: bool = True, request: RoutingRequest | None = None,
+                cache: list[list] | None = None) -> ModelOutput:
         """idx (B, T) token ids; targets (B, T) next tokens, -1 = ignore; mask (B, T) real tokens.
+
+        `cache` (decoding, see moe_core/generate.py): `model.kv_cache()`, then passed to every call. Each
+        call gives only the new positions (the prompt first, then one token at a time); their keys and
+        values are kept, so earlier positions are never computed again. Only the new tokens are routed,
+        as one routing group.
 
         `request` (RoutingRequest.make(model.config, ...)) routes every MoE layer of this call another
         way than the model was trained with (scheme, top-k, capacity factor, experts switched off for an
@@ -212,15 +304,35 @@ class MoEGPT(nn.Module):
         `return_logits=False` (training) computes the loss chunk by chunk and
         never builds the full logits tensor.
         """
+        device, vocab = self.wte.weight.device, self.config.vocab_size
+        idx = _token_ids("idx", idx, device, 0, vocab)
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the context of {self.config.block_size}")
+        past = 0
+        if cache is not None:
+            if not (isinstance(cache, list) and len(cache) == len(self.blocks)
+                    and all(isinstance(c, list) for c in cache)):
+                raise ValueError("cache must be model.kv_cache() (one list per block), or None")
+            if mask is not None:
+                raise ValueError("a KV cache cannot be combined with a mask: padding would enter the cache")
+            if cache[0]:
+                past = cache[0][0].size(2)
+                if cache[0][0].size(0) != B:
+                    raise ValueError(f"the cache holds {cache[0][0].size(0)} sequences but idx has {B}")
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context of {self.config.block_size}")
+        if targets is not None:
+            targets = _token_ids("targets (next token ids, -1 = none)", targets, device, -1, vocab, (B, T))
+        if mask is not None and not (isinstance(mask, Tensor) and mask.dtype == torch.bool
+                                     and mask.shape == (B, T) and mask.device == device):
+            raise ValueError(f"mask must be a bool tensor [B, T] = [{B}, {T}] on {device} (True: a real token)")
+        if request is not None and not isinstance(request, RoutingRequest):
+            raise ValueError(f"request must be a RoutingRequest (or None), got {type(request).__name__}")
         request = request or RoutingRequest.make(self.config)
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.wte(idx) + self.wpe(pos)                # (B, T, C)
         routings = []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, mask, request, i)
+            x, routing = block(x, mask, request, i, None if cache is None else cache[i])
             routings.append(routing)
         x = self.ln_f(x)
         logits = self.lm_head(x) if return_logits or targets is None else None  # (B, T, vocab)

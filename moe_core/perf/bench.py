@@ -8,6 +8,8 @@
    report that memory-bandwidth floor from a measured read bandwidth.
 2. train: training tokens/s of the default model (the 10k tokens/s goal on 2 cores).
 3. route: server-side routing of a 512-token text through the shipped model.
+4. generate: greedy decoding tokens/s of the shipped model on ONE thread, with the KV cache and
+   without (the goal: 100 tokens/s with it).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import torch
 from ..data.corpus import load_text
 from ..data.tokenizer import get_tokenizer
 from ..data.tokens import load_token_data
+from ..generate import generate
 from ..inference import route_text
 from ..model.checkpoint import load
 from ..model.layer import DenseFFN, MoELayer, expert_loop, pick_device
@@ -314,6 +317,34 @@ def bench_route(model_name: str = "moe-n8", n_tokens: int = 512, repeats: int = 
     return out
 
 
+def bench_generate(model_name: str = "moe-n8", prompt: str = "Once upon a time", new_tokens: int = 128,
+                   repeats: int = 3) -> dict:
+    """Greedy generation on ONE thread (torch.set_num_threads(1), put back after): `new_tokens` tokens after
+    a short prompt, with the KV cache and without it (every step runs the whole sequence again), in
+    interleaved rounds (`interleaved_times`). tokens/s = new tokens / median time of a whole generation,
+    the prompt's prefill included. Both paths must write the same tokens (`same_tokens`)."""
+    m = load(model_name)
+    written: dict[bool, list[int]] = {}
+
+    def run(use_cache: bool) -> None:
+        written[use_cache] = [t.id for t in generate(m, prompt, max_new_tokens=new_tokens, use_cache=use_cache)
+                              if t.phase == "decode"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = interleaved_times({"cached": lambda: run(True), "uncached": lambda: run(False)}, repeats,
+                                  torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    per_s = {key: round(new_tokens / (statistics.median(v) / 1e3), 1) for key, v in times.items()}
+    return {"model": model_name, "prompt_tokens": len(get_tokenizer().encode(prompt)), "new_tokens": new_tokens,
+            "threads": 1, "sampling": "greedy", "rounds": repeats,
+            "cached_tokens_per_s": per_s["cached"], "uncached_tokens_per_s": per_s["uncached"],
+            "cache_speedup": round(paired_ratio(times, "uncached", "cached"), 2),
+            "same_tokens": written[True] == written[False]}
+
+
 def free_bytes() -> int:
     """Memory the OS can give this process now (MemAvailable), or a large number where unknown."""
     try:
@@ -334,9 +365,9 @@ def check_memory(need: int, what: str) -> None:
 def run_bench(args) -> int:
     pick_device(args.device)                  # a device this machine lacks fails before any work
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"layer", "train", "route"}
+    unknown = skip - {"layer", "train", "route", "generate"}
     if unknown:
-        raise ValueError(f"unknown part(s) to skip: {', '.join(sorted(unknown))}; use layer, train or route")
+        raise ValueError(f"unknown part(s) to skip: {', '.join(sorted(unknown))}; use layer, train, route or generate")
     try:
         ns = tuple(int(n) for n in args.experts.split(","))
     except ValueError:
@@ -360,6 +391,8 @@ def run_bench(args) -> int:
         result["train"] = bench_train(steps=6 if args.quick else 12, device=args.device)
     if "route" not in skip:
         result["route"] = bench_route(repeats=repeats)
+    if "generate" not in skip:
+        result["generate"] = bench_generate(repeats=repeats)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -396,4 +429,10 @@ def _format(r: dict) -> str:
         lines.append(f"\ntraining {t['preset']}: {t['tokens_per_s']:,} tokens/s ({t['step_ms']} ms per {t['tokens_per_step']}-token step)")
     if "route" in r:
         lines.append("\nrouting a text: " + ", ".join(f"{k_} {v}" for k_, v in r["route"].items()))
+    if "generate" in r:
+        g = r["generate"]
+        lines.append(f"\ngenerating with {g['model']} ({g['sampling']}, {g['threads']} thread, {g['new_tokens']} new tokens "
+                     f"after a {g['prompt_tokens']}-token prompt, {g['rounds']} rounds): "
+                     f"{g['cached_tokens_per_s']:,} tokens/s with the KV cache, {g['uncached_tokens_per_s']:,} without "
+                     f"({g['cache_speedup']}x); same tokens: {'yes' if g['same_tokens'] else 'NO'}")
     return "\n".join(lines)
