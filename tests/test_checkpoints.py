@@ -40,7 +40,8 @@ def test_every_preset_is_shipped_with_a_complete_card():
                                  .encode()).hexdigest()
     for name in SHIPPED:
         card = docs[name]["card"]
-        for key in ("corpus_hash", "seed", "steps", "wall_s", "eval_loss", "balance", "nmi_category", "specialisation"):
+        for key in ("corpus_hash", "seed", "steps", "wall_s", "eval_loss", "balance", "nmi_category", "specialisation",
+                    "weights_sha256"):
             assert key in card, (name, key)
         assert card["corpus_hash"] == corpus_hash
         assert docs[name]["recipe"]["preset"] == name
