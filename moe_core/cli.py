@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_bench)
 
     q = sub.add_parser("serve", help="serve the dashboard (panel serve app/main.py)")
-    q.add_argument("--port", type=_int_in(1, 65535), default=5006)
+    q.add_argument("--port", type=_int_in(0, 65535), default=5006, help="0: any free port")
     q.add_argument("--address", default="127.0.0.1")
     q.add_argument("--allow-origin", action="append", help="extra allowed websocket origin host[:port]")
     q.add_argument("--show", action="store_true", help="open a browser")
