@@ -1,20 +1,24 @@
 """The training lab tab: train a real MoE live and watch the router collapse, or not.
 
-Widgets build a `moe_core.train.lab.Recipe`; Train submits a job to the process-wide
-`moe_core.train.lab.manager()` (server-wide cap, queue); a periodic callback polls the
-job and streams its new steps into Bokeh sources. One job per session: a new
-Train cancels the old job, and closing the tab cancels it too.
+Widgets build a `moe_core.train.lab.Recipe`; Train subscribes to the job for it in the
+process-wide `moe_core.train.lab.manager()` (one job per recipe, shared by every session that
+asks for it; server-wide cap, queue); a periodic callback polls the subscription and streams its
+new steps into Bokeh sources. One subscription per session: a new Train leaves the old job, and
+so does a page that has lost its connection (`page_connected`, checked by the manager).
 """
 from __future__ import annotations
 
 import html
 import io
+import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import panel as pn
 import param
+from bokeh.core.properties import value
 from bokeh.models import ColumnDataSource, HoverTool, Legend, Span
 from bokeh.plotting import figure
 
@@ -31,11 +35,41 @@ from moe_core.train.lab import (
     status,
 )
 
+from .views.guard import refuse_bad_values
 from .views.palette import expert_colors
 
 POLL_MS = 400
 RUN_COLORS = ["#0072B2", "#D55E00"]
 RUN_DASH = ["solid", "dashed"]
+
+
+def page_connected(doc) -> Callable[[], bool] | None:
+    """For a served page: whether its websocket is still open (None outside a server).
+
+    Panel's session-destroyed hook fires only when the server discards the session, 5 min after
+    the tab closed in the Procfile; the job manager asks this every 0.5 s instead. Bokeh has no
+    public accessor for the session's connections: `_session` is its ServerSession (None while
+    the session is being created)."""
+    ctx = doc.session_context if doc is not None else None
+    if ctx is None:
+        return None
+
+    def alive() -> bool:
+        session = ctx._session
+        return session is None or (not session.destroyed and session.connection_count > 0)
+    return alive
+
+
+def wait_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "the wait is estimated once a job has trained a few steps"
+    return f"starts in about {seconds:.0f} s" if seconds < 90 else f"starts in about {seconds / 60:.0f} min"
+
+
+def queue_text(snap: dict, slots: int) -> str:
+    """What a queued student reads: their place, and when their job should start."""
+    return (f"Waiting for a free training slot: position {snap['queue_position']} in the queue, "
+            f"{wait_text(snap['wait_s'])} (this server trains {slots} job(s) at a time).")
 
 
 def held(handler):
@@ -74,7 +108,8 @@ class TrainingLab(pn.viewable.Viewer):
         self.share_src = [ColumnDataSource({"step": []}, name=f"lab_share_{i}") for i in range(2)]
         self.bias_src = [ColumnDataSource({"step": []}, name=f"lab_bias_{i}") for i in range(2)]
         self._build_plots(Recipe(), None)
-        if pn.state.curdoc is not None and pn.state.curdoc.session_context is not None:
+        self._alive = page_connected(pn.state.curdoc)
+        if self._alive is not None:
             pn.state.on_session_destroyed(lambda ctx: self.cancel())
 
     # -- widgets -------------------------------------------------------------------
@@ -107,6 +142,9 @@ class TrainingLab(pn.viewable.Viewer):
         self.progress = pn.indicators.Progress(value=0, max=100, sizing_mode="stretch_width", bar_color="primary")
         self.status = pn.pane.HTML(stylesheets=self._css, sizing_mode="stretch_width")
         self.layer = pn.widgets.RadioButtonGroup(name="Layer", options={"layer 0": 0, "layer 1": 1}, value=0, css_classes=["lab-layer"])
+        for w in (self.preset, self.n, self.k, self.scheme, self.balancing, self.aux, self.gamma, self.capacity,
+                  self.steps, self.seed, self.compare, self.layer):   # values from the browser are untrusted
+            refuse_bad_values(w, lambda msg: self._notify("warning", msg))
 
         self.preset.param.watch(self._on_preset, "value")
         self.scheme.param.watch(self._on_scheme, "value")
@@ -150,7 +188,7 @@ class TrainingLab(pn.viewable.Viewer):
             self._notify("error", str(e))
             return
         self.cancel()
-        self.job = manager().submit(recipes)
+        self.job = manager().submit(recipes, alive=self._alive)
         self._since = [0] * len(recipes)
         self._build_plots(recipes[0], recipes[1] if len(recipes) > 1 else None)
         for b in (self.pause_btn, self.step_btn, self.reset_btn):
@@ -215,29 +253,28 @@ class TrainingLab(pn.viewable.Viewer):
                 self._notify("error", f"Training failed: {job.error}")
 
     def _show_progress(self, snap):
-        run0 = self.job.runs[0]
-        done = len(run0.steps)
-        total = run0.recipe.steps
+        run0 = snap["runs"][0]
+        done, total = run0["shown"], run0["total"]
         self.progress.value = int(100 * done / max(total, 1))
         st = snap["state"]
         if st == "queued":
-            self._set_status("queued", f"Waiting for a free training slot: position {snap['queue_position']} in "
-                                       f"the queue (this server trains {manager().max_running} job(s) at a time).")
+            self._set_status("queued", queue_text(snap, manager().max_running))
             return
-        last = run0.steps[-1] if run0.steps else None
         parts = [f"{st}: step {done}/{total}"]
-        if last:
-            eta = (total - done) / max(done, 1) * last["elapsed_s"] * len(self.job.runs)
-            parts.append(f"{last['tokens_per_s']:,.0f} tokens/s, ETA {eta:.0f} s")
+        lasts = [run["steps"][-1] if run["steps"] else (self._history[i][-1] if self._history[i] else None)
+                 for i, run in enumerate(snap["runs"])]
+        if lasts[0] and st == "running" and snap["eta_s"] is not None:
+            parts.append(f"{lasts[0]['tokens_per_s']:,.0f} tokens/s, ETA {snap['eta_s']:.0f} s")
+        if snap["others"]:
+            parts.append(f"trained once for you and {snap['others']} other session(s) with this recipe")
         verdicts, words = [], []
-        for i, run in enumerate(self.job.runs):
-            if run.steps:
-                last_i = run.steps[-1]
+        for i, (run, last_i) in enumerate(zip(snap["runs"], lasts)):
+            if last_i:
                 word, why = status(last_i["top1_share"])
                 words.append(word)
                 dead = f"; {last_i['dead_experts']} dead expert(s)" if last_i["dead_experts"] else ""
                 verdicts.append(f"{'AB'[i]}: <b>{word}</b> ({html.escape(why)}{dead}) \u2014 "
-                                f"{html.escape(run.recipe.label())}")
+                                f"{html.escape(run['label'])}")
         self._set_status("collapsed" if "Collapsed" in words else st, " \u00b7 ".join(parts), verdicts)
 
     def _set_status(self, state: str, text: str, verdicts: list[str] | None = None):
@@ -251,6 +288,9 @@ class TrainingLab(pn.viewable.Viewer):
     # -- plots -----------------------------------------------------------------------------
 
     def _build_plots(self, a: Recipe, b: Recipe | None):
+        """Empty plots for these recipes. The figures are made again only when their shape changes
+        (N, one or two runs, a bias plot): making them took ~0.2 s of the server's event loop a Train
+        (py-spy, 30 students pressing Train together: 6 s of a 10 s window, the router updates waiting)."""
         runs = [a] if b is None else [a, b]
         self._recipes = runs
         for i in range(2):
@@ -258,6 +298,15 @@ class TrainingLab(pn.viewable.Viewer):
             self.eval_src[i].data = {"step": [], "eval": []}
             self.busy_src[i].data = {"step": [], "busiest": []}
             self.bal_src[i].data = {"step": [], "max_over_mean": [], "load_balance": [], "dead": []}
+        self._history = [[] for _ in runs]       # kept for redrawing the share plots per layer
+        shape = [(r.n_experts, r.balancing == "deepseek_bias") for r in runs]
+        if shape == getattr(self, "_shape", None):
+            for items in self._legend_items:
+                for item, r in zip(items, runs):
+                    item.label = value(f"{item.label.value[0]}: {r.label()}")
+            self._rebuild_share_plots()
+            return
+        self._shape = shape
         f = figure(height=260, sizing_mode="stretch_width", title="Loss (nats): training, and held-out dots",
                    tools="save", toolbar_location="right")
         g = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1.02),
@@ -284,8 +333,12 @@ class TrainingLab(pn.viewable.Viewer):
         g.add_layout(Span(location=COLLAPSED_SHARE, dimension="width", line_color="#B35806", line_dash="dotted",
                           line_width=2))
         g.add_layout(Span(location=1 / a.n_experts, dimension="width", line_color="#333", line_dash="dotted"))
+        self._legend_items = []
         for fig, items in ((f, items_f), (g, items_g), (h, items_h)):
-            fig.add_layout(Legend(items=items, label_text_font_size="11px", orientation="vertical"), "below")
+            legend = Legend(items=items, label_text_font_size="11px", orientation="vertical")
+            fig.add_layout(legend, "below")
+            if fig is not h:
+                self._legend_items.append(legend.items)
             fig.xaxis.axis_label = "step"
             fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("value", "$y{0.000}")]))
         if not hasattr(self, "loss_pane"):
@@ -296,7 +349,7 @@ class TrainingLab(pn.viewable.Viewer):
             self.bias_panes = pn.Row(sizing_mode="stretch_width")
         else:
             self.loss_pane.object, self.busy_pane.object, self.bal_pane.object = f, g, h
-        self._history = [[] for _ in runs]       # kept for redrawing the share plots per layer
+        self._share_figs = None
         self._rebuild_share_plots()
 
     def _rebuild_share_plots(self):
@@ -307,13 +360,19 @@ class TrainingLab(pn.viewable.Viewer):
         streamed into in the same hold reached the page with the streamed rows in it, and then
         the stream again (every step twice)."""
         layer = self.layer.value
+        for i, r in enumerate(self._recipes):
+            share, bias = self._layer_columns(self._history[i], r.n_experts)
+            self.share_src[i].data = share
+            self.bias_src[i].data = bias or {"step": [], **{f"e{e}": [] for e in range(r.n_experts)}}
+        if self._share_figs is not None:          # the same shape: new titles only (see _build_plots)
+            for fig in self._share_figs:
+                fig.title.text = re.sub(r"layer \d+", f"layer {layer}", fig.title.text)
+            return
         shares, biases = [], []
         for i, r in enumerate(self._recipes):
             n = r.n_experts
             cols = [f"e{e}" for e in range(n)]
-            share, bias = self._layer_columns(self._history[i], n)
             src = self.share_src[i]
-            src.data = share
             fig = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1), tools="save",
                          toolbar_location="right",
                          title=f"{'AB'[i]}: share of first choices per expert, layer {layer} (stacked)")
@@ -322,7 +381,6 @@ class TrainingLab(pn.viewable.Viewer):
             fig.yaxis.axis_label = "share"
             shares.append(pn.pane.Bokeh(fig, sizing_mode="stretch_width"))
             bsrc = self.bias_src[i]
-            bsrc.data = bias or {"step": [], **{c: [] for c in cols}}
             if r.balancing == "deepseek_bias":
                 bf = figure(height=220, sizing_mode="stretch_width", tools="save", toolbar_location="right",
                             title=f"{'AB'[i]}: DeepSeek selection bias per expert, layer {layer}")
@@ -330,6 +388,7 @@ class TrainingLab(pn.viewable.Viewer):
                     bf.line("step", c, source=bsrc, color=expert_colors(n)[e], width=1.5)
                 bf.xaxis.axis_label = "step"
                 biases.append(pn.pane.Bokeh(bf, sizing_mode="stretch_width"))
+        self._share_figs = [pane.object for pane in shares + biases]
         self.share_panes.objects = shares
         self.bias_panes.objects = biases
 
@@ -356,11 +415,13 @@ class TrainingLab(pn.viewable.Viewer):
         layer = self.layer.value
         xs = [s["step"] for s in steps]
         shares = np.array([s["top1_share"][layer] for s in steps]).reshape(len(steps), n)
-        share = {"step": xs, **{f"e{e}": shares[:, e] for e in range(n)}}
+        # lists, not arrays: Bokeh sends each array as binary frames of its own, a list rides in the patch's
+        # JSON (py-spy, 30 pages polling one job: 8 ms of the event loop a poll with arrays, 1.9 ms with lists)
+        share = {"step": xs, **{f"e{e}": shares[:, e].tolist() for e in range(n)}}
         if not steps or steps[0]["bias"] is None:
             return share, None
         bias = np.array([s["bias"][layer] for s in steps])
-        return share, {"step": xs, **{f"e{e}": bias[:, e] for e in range(n)}}
+        return share, {"step": xs, **{f"e{e}": bias[:, e].tolist() for e in range(n)}}
 
     # -- results ------------------------------------------------------------------------------
 

@@ -1,13 +1,15 @@
 """The training lab's app side without a browser: polling fills the plots, the trained model
-downloads as a loadable safetensors checkpoint and can route text in the router state."""
+downloads as a loadable safetensors checkpoint and can route text in the router state; queue and
+shared-job status lines; a page that lost its connection stops its job."""
 import io
 import time
 import zipfile
+from types import SimpleNamespace
 
-from app.lab import TrainingLab
+from app.lab import TrainingLab, page_connected, queue_text
 from app.state import RouterState
 from moe_core.model.checkpoint import load_file
-from moe_core.train.lab import Recipe, manager
+from moe_core.train.lab import JobManager, Recipe, manager
 
 
 def test_lab_job_to_plots_to_download_to_router(tmp_path):
@@ -116,7 +118,7 @@ def test_the_page_gets_each_step_once_when_train_finds_steps_already_made(monkey
     class Given:                   # the manager hands out a job whose steps are all made already
         max_running = 1
 
-        def submit(self, recipes):
+        def submit(self, recipes, alive=None):
             return job
 
     monkeypatch.setattr(app.lab, "manager", lambda: Given())
@@ -147,3 +149,77 @@ def test_switching_the_layer_after_training_draws_each_step_once():
             assert page.steps("lab_bias_0") == list(range(1, 21)), layer
             want = [s["top1_share"][layer][0] for s in lab.job.runs[0].steps]
             assert page.data["lab_share_0"]["e0"] == want
+
+
+def test_the_queue_text_gives_the_position_and_when_the_job_starts():
+    assert queue_text({"queue_position": 3, "wait_s": 42.4}, 1) == (
+        "Waiting for a free training slot: position 3 in the queue, starts in about 42 s "
+        "(this server trains 1 job(s) at a time).")
+    assert "starts in about 10 min" in queue_text({"queue_position": 30, "wait_s": 600}, 1)
+    assert "estimated once a job has trained a few steps" in queue_text({"queue_position": 1, "wait_s": None}, 2)
+
+
+def test_a_queued_and_a_shared_job_say_so_in_the_status(monkeypatch):
+    import app.lab
+
+    m = JobManager(max_running=1)
+    monkeypatch.setattr(app.lab, "manager", lambda: m)
+    first = m.submit([Recipe(steps=400, seed=81)])
+    lab, doc, _ = _lab_in_a_document()
+    from panel.io.state import set_curdoc
+    with set_curdoc(doc):
+        lab.seed.value = 82
+        lab.start()
+        lab._stop_polling()
+    assert "position 1 in the queue" in lab.status.object
+    other = TrainingLab()
+    other.job = m.submit([Recipe(steps=400, seed=81)])
+    deadline = time.monotonic() + 60
+    while not first.snapshot()["runs"][0]["shown"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    other._show_progress(other.job.snapshot())
+    assert "trained once for you and 1 other session(s)" in other.status.object
+    first.cancel()
+    other.cancel()
+    lab.cancel()
+
+
+def test_a_page_that_lost_its_connection_stops_its_job_within_5_s(monkeypatch):
+    """The page's websocket closes (the session stays on the server for minutes): the job stops."""
+    import app.lab
+
+    m = JobManager(max_running=1)
+    monkeypatch.setattr(app.lab, "manager", lambda: m)
+    session = SimpleNamespace(destroyed=False, connection_count=1)       # Bokeh's ServerSession
+    lab, doc, _ = _lab_in_a_document()
+    lab._alive = page_connected(SimpleNamespace(session_context=SimpleNamespace(_session=session)))
+    from panel.io.state import set_curdoc
+    with set_curdoc(doc):
+        lab.steps.value = 2000
+        lab.seed.value = 91
+        lab.start()
+        lab._stop_polling()
+    deadline = time.monotonic() + 60
+    while lab.job.state != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    session.connection_count = 0
+    t0 = time.monotonic()
+    while not (lab.job.state == "cancelled" and m.running() == 0) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert lab.job.state == "cancelled" and m.running() == 0 and time.monotonic() - t0 < 5
+    assert page_connected(None) is None and page_connected(SimpleNamespace(session_context=None)) is None
+
+
+def test_a_new_train_keeps_figures_of_the_same_shape_and_relabels_them():
+    """A class pressing Train at once: figures are made again only for another N, runs or bias plot."""
+    lab = TrainingLab()
+    loss_fig, share_fig = lab.loss_pane.object, lab.share_panes.objects[0].object
+    lab._build_plots(Recipe(balancing="load_balance", seed=3), None)
+    assert lab.loss_pane.object is loss_fig and lab.share_panes.objects[0].object is share_fig
+    from bokeh.models import Legend
+    legend = next(x for x in loss_fig.below if isinstance(x, Legend))
+    assert "Load-balancing loss" in legend.items[0].label.value and legend.items[0].label.value.startswith("A: ")
+    lab.layer.value = 1
+    assert "layer 1" in share_fig.title.text and lab.share_panes.objects[0].object is share_fig
+    lab._build_plots(Recipe(n_experts=4), None)
+    assert lab.loss_pane.object is not loss_fig and len(lab.share_src[0].data) == 5     # step + e0..e3
