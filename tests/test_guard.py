@@ -56,3 +56,16 @@ def test_a_good_value_still_applies_and_the_next_change_routes(dashboard):
     assert s.top_k == 3 and s.result is not result and s.result.top_k == 3
     dashboard.n_experts._process_events({"active": 0})
     assert s.n_experts == s.param.n_experts.objects[0]
+
+
+@pytest.mark.parametrize("name, message", [("n", {"value": 999}), ("k", {"value": "abc"}), ("steps", {"value": -5}),
+                                           ("seed", {"value": "x"}), ("scheme", {"value": "bogus"}),
+                                           ("layer", {"active": -1}), ("aux", {"value": float("inf")})])
+def test_the_training_labs_controls_refuse_crafted_values_too(dashboard, name, message, caplog):
+    dashboard.show_tab("lab")
+    w = getattr(dashboard._lab, name)
+    before, seq = w.value, dashboard.toast.seq
+    with caplog.at_level(logging.ERROR):
+        w._process_events(message)
+    assert w.value == before and dashboard.toast.seq == seq + 1 and "not applied" in dashboard.toast.message
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

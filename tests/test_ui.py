@@ -152,16 +152,18 @@ def test_moving_k_from_2_to_4_changes_every_token_and_the_counters(page: Page, a
 
 def test_a_long_text_shows_the_busy_cue_until_its_routing_is_back(page: Page, app_url):
     from app.dashboard import SLOW_TEXT_CHARS
+    from app.state import LIVE_TOKENS
 
     open_app(page, app_url)
     page.evaluate(f"""() => {{ window.__busy = []; const s = {SCREEN};
         new MutationObserver(() => window.__busy.push(s.classList.contains('busy')))
             .observe(s, {{attributes: true, attributeFilter: ['class']}}); }}""")
     text = ("The ferry left the harbour at half past six, later than anyone had promised. " * 40)[:SLOW_TEXT_CHARS + 400]
-    set_text(page, text)
+    set_text(page, text, wait=False)            # the live view routes its first LIVE_TOKENS tokens only
     page.wait_for_function(f"() => {{ const m = Bokeh.documents[0].get_model_by_name('router_screen');"
                            f" return m.asked >= 1 && m.asked === m.answered && !{SCREEN}.classList.contains('busy') && "
-                           f"JSON.parse(m.data).tokens.length > 300; }}")
+                           f"JSON.parse(m.data).tokens.length === {LIVE_TOKENS}; }}")
+    expect(page.locator(".toast-msg").first).to_contain_text(f"the live view routes the first {LIVE_TOKENS}")
     assert page.evaluate("() => window.__busy") [:1] == [True]      # the cue went on first, then off
 
 

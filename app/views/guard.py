@@ -4,7 +4,7 @@ A widget's value arrives over the websocket, so anyone can send anything: k = 99
 not exist, a number where text goes, the button index -1 (Python would pick the last model). Panel
 would try to apply it, fail inside a watcher and log a server traceback. `refuse_bad_values` checks a
 message first, with the same checks the value would meet (the widget's own parameter, and the
-RouterState parameter it is bound to: its bounds and objects), and refuses a bad one: nothing changes,
+RouterState parameter it is bound to: its bounds and objects, and a slider's own range), and refuses a bad one: nothing changes,
 the control shows the current value again, and the student is told.
 """
 from __future__ import annotations
@@ -29,8 +29,12 @@ def refuse_bad_values(widget, say: Callable[[str], None], bound: param.Parameter
             for name, value in widget._process_property_change(dict(events)).items():
                 if name in widget.param:
                     widget.param[name]._validate(value)             # type, bounds, objects
-                if bound is not None and name in ("value", "value_throttled"):
-                    bound._validate(value)
+                if name in ("value", "value_throttled"):
+                    if bound is not None:
+                        bound._validate(value)
+                    lo, hi = getattr(widget, "start", None), getattr(widget, "end", None)   # a slider's range
+                    if lo is not None and hi is not None and value is not None and not lo <= value <= hi:
+                        raise ValueError(value)
         except Exception:
             say(f"{widget.name or 'A control'}: the page sent a value this control does not offer; "
                 f"it was not applied.")
