@@ -200,7 +200,9 @@ def _values(name: str, t, shape: tuple | None = None) -> Tensor:
     return t
 
 
-def _check_logits(logits: Tensor) -> None:
+def _check_logits(logits: Tensor) -> Tensor:
+    """The router logits [T, N], checked, in float32: every scheme computes in float32 (in float16 a
+    sigmoid or softmax of ordinary logits underflows to 0 and the weights become 0 / 0)."""
     if not isinstance(logits, Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(f"router logits must be a 2-D tensor [tokens, experts], got {shape}")
@@ -209,7 +211,7 @@ def _check_logits(logits: Tensor) -> None:
         raise ValueError("a mixture of experts needs at least 1 expert (N >= 1), got N = 0")
     if T < 1:
         raise ValueError("there are no tokens to route (T = 0)")
-    _values("router logits", logits)
+    return _values("router logits", logits).float()
 
 
 def _check_k(k, n_experts: int) -> int:
@@ -406,7 +408,7 @@ def softmax_topk(logits: Tensor, k: int, *, normalize: bool = True) -> Routing:
     here `normalize=False`). Dropless: no capacity, nothing is dropped.
     `aux["load_balance"]` counts all k choices (f sums to 1 over the k*T picks).
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
     normalize = _flag("normalize", normalize)
@@ -442,7 +444,7 @@ def noisy_topk(
     noise (evaluation, or `noise_logits=None`) the load is the plain token count
     and the scheme is exactly softmax top-k. `probs` is softmax(H).
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
     training, noise_epsilon = _flag("training", training), _number("noise_epsilon", noise_epsilon)
@@ -490,7 +492,7 @@ def switch(logits: Tensor, *, capacity: int | None = None, capacity_factor: floa
     the residual connection. `aux["load_balance"]` = N * sum_e f_e * P_e with f
     from the pre-capacity choice (the paper's eq. 4 with alpha left to the trainer).
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     T, N = logits.shape
     C = _resolve_capacity(capacity, capacity_factor, T, N)
     probs = logits.float().softmax(dim=-1)
@@ -531,7 +533,7 @@ def gshard(
       l_aux = E^2 * mean(me * ce) = N * sum_e f_e P_e).
     Default capacity = ceil(2.0 * T / N) (fairseq: 2 * ceil(T / N)).
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     T, N = logits.shape
     if N < 2:
         raise ValueError("GShard top-2 routing needs at least 2 experts (N >= 2)")
@@ -591,7 +593,7 @@ def expert_choice(logits: Tensor, *, capacity: int | None = None, capacity_facto
     token; clamped to T. NOT causal: a token's experts depend on all other
     tokens of the group, including later ones.
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     T, N = logits.shape
     C = min(_resolve_capacity(capacity, capacity_factor, T, N), T)
     probs = logits.float().softmax(dim=-1)
@@ -670,7 +672,7 @@ def base(logits: Tensor) -> Routing:
     training and a greedy argmax at inference; we always show the balanced
     assignment. `probs` = softmax(logits), so heatmaps compare across schemes.
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     T, N = logits.shape
     per, extra = divmod(T, N)
     scores = logits.detach().double().cpu().numpy()
@@ -711,7 +713,7 @@ def deepseek(
     `aux["load_balance"]` is the paper's complementary sequence-wise balance
     loss shape: N * sum_e f_e * P_e with P from the normalised scores s / sum(s).
     """
-    _check_logits(logits)
+    logits = _check_logits(logits)
     T, N = logits.shape
     k = _check_k(k, N)
     n_groups = _whole("n_groups", n_groups)
@@ -741,7 +743,7 @@ def deepseek(
     if normalize:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     w = w * scaling
-    normalised = scores / scores.sum(-1, keepdim=True)
+    normalised = scores / (scores.sum(-1, keepdim=True) + 1e-20)   # all scores can underflow to 0
     aux = {"load_balance": load_balance_loss(normalised, _choice_mask(top_i, N))}
     keep = torch.ones_like(top_i, dtype=torch.bool)
     return _finish("deepseek", scores, logits, top_i, keep, w, None, aux)
