@@ -61,13 +61,15 @@ def local_only(context) -> list[str]:
     return seen
 
 
-def check_first_screen(page, name: str, focus: str | None = None) -> dict:
-    page.wait_for_timeout(700)          # the screen fits itself to the viewport within 300 ms
-    boxes = page.evaluate(BOXES, list(VIEWS))
+def check_boxes(page, name: str, views, inside) -> dict:
+    """What a user sees: every view in `inside` shown within the first viewport, none of `views` overlapping
+    another, the page no wider than the window; a screenshot artifacts/NAME.png. Returns the boxes."""
+    page.wait_for_timeout(700)          # the views fit themselves to the viewport within 300 ms
+    boxes = page.evaluate(BOXES, list(views))
     w, h = page.evaluate("() => [innerWidth, innerHeight]")
     ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"layout-{name}.png"))
-    for view in FIRST_SCREEN:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+    for view in inside:
         b = boxes.get(view)
         assert b is not None, f"{name}: {view} is not shown"
         assert b["x"] >= 0 and b["y"] >= 0 and b["x"] + b["w"] <= w + 0.5 and b["y"] + b["h"] <= h + 0.5, \
@@ -78,6 +80,11 @@ def check_first_screen(page, name: str, focus: str | None = None) -> dict:
             assert not overlap(ba, bc), f"{name}: {a} {ba} overlaps {c} {bc}"
     assert page.evaluate("() => document.documentElement.scrollWidth <= innerWidth"), \
         f"{name}: the page is wider than the window"
+    return boxes
+
+
+def check_first_screen(page, name: str, focus: str | None = None) -> dict:
+    boxes = check_boxes(page, f"layout-{name}", VIEWS, FIRST_SCREEN)
     if focus:
         assert f"view-{focus}" in boxes and "lesson-bar" in boxes
         assert not overlap(boxes["lesson-bar"], boxes[f"view-{focus}"], slack=0)
