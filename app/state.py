@@ -25,6 +25,7 @@ RECIPE_LABELS = {
     "load_balance": "balanced (aux loss)",
     "none": "no balancing",
     "deepseek_bias": "DeepSeek bias",
+    "hash": "hash routing (nothing to balance)",
     "untrained": "untrained",
 }
 MAX_TEXT_CHARS = 200_000  # longer pastes are cut before tokenising (the token limit cuts again)

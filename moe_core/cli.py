@@ -174,6 +174,8 @@ def _resolve_model_name(args) -> str:
 
 
 def cmd_route(args) -> int:
+    import torch
+
     from .inference import MAX_TOKENS, route_text
     from .model.checkpoint import load
     from .model.layer import pick_device
@@ -187,6 +189,7 @@ def cmd_route(args) -> int:
     device = pick_device(args.device)
     model = load(_resolve_model_name(args), device=device)
     request = RoutingRequest.make(model.config, args.scheme, args.top_k, args.capacity_factor)
+    torch.manual_seed(args.seed or 0)         # random routing draws from torch's generator: repeatable
     res = route_text(model, text, request, max_tokens=MAX_TOKENS)
     if args.json:
         from .analysis.export import (
@@ -427,8 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", type=_name, help="checkpoint name (moe-lab models); default moe-n8")
     q.add_argument("--experts", type=_positive_int, help="pick the balanced checkpoint with N experts")
     q.add_argument("--top-k", type=_positive_int, help="experts per token (top-k schemes)")
-    q.add_argument("--scheme", type=_name, help="routing scheme: softmax_topk, noisy_topk, switch, gshard, expert_choice, base, deepseek")
+    q.add_argument("--scheme", type=_name, help="routing scheme: softmax_topk, noisy_topk, switch, gshard, expert_choice, base, deepseek, "
+                                                "hash, random")
     q.add_argument("--capacity-factor", type=_number, help="slots per expert = ceil(factor * tokens / N)")
+    q.add_argument("--seed", type=_int_in(0, 2**63 - 1), help="seed of random routing (--scheme random); default 0")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
     q.add_argument("--json", action="store_true", help="print JSON (schema in README)")
     q.add_argument("--expert-parallel", type=_positive_int, metavar="P",

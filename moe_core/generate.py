@@ -42,10 +42,11 @@ from .data.tokenizer import get_tokenizer
 from .model.checkpoint import LoadedModel
 from .model.gpt import MoEGPT
 from .model.request import RoutingRequest
-from .model.routing import Routing
+from .model.routing import SCHEMES, Routing
 
-# schemes whose routing of a token depends only on that token (not on the other tokens of its group)
-PER_TOKEN_SCHEMES = ("softmax_topk", "noisy_topk", "deepseek")
+# schemes whose routing of a token depends only on that token (not on the other tokens of its group): causal
+# and without a capacity (Switch's capacity is causal, but counts the earlier tokens of the group)
+PER_TOKEN_SCHEMES = tuple(name for name, s in SCHEMES.items() if s.causal and not s.uses_capacity)
 MAX_SEED = 2**64 - 1
 
 

@@ -36,7 +36,7 @@ def make_layer(scheme="softmax_topk", **kw):
 def test_vectorised_dispatch_equals_reference_loop(scheme, n_shared, shape):
     layer = make_layer(scheme, n_shared=n_shared)
     x = torch.randn(*shape)
-    y, r = layer(x)
+    y, r = layer(x, torch.arange(x[..., 0].numel()).view(shape[:-1]) % 7)     # token ids: for hash routing
     y_ref, _ = loop_reference(layer, x, r)
     assert y.shape == x.shape
     assert torch.allclose(y, y_ref, atol=1e-6)

@@ -200,12 +200,13 @@ def test_router_logits_must_be_finite_and_below_the_float32_limit():
     # larger ones, NaN or infinity, integer or meta tensors are refused with a sentence, in every scheme
     for name in SCHEMES:
         k = 2 if SCHEMES[name].uses_k else None
-        r = route(torch.tensor([[1e18, -1e18, 0.0, 5.0]] * 3), name, k=k)
+        ids = {"token_ids": torch.arange(3)} if "token_ids" in SCHEMES[name].options else {}
+        r = route(torch.tensor([[1e18, -1e18, 0.0, 5.0]] * 3), name, k=k, **ids)
         assert torch.isfinite(r.weights).all() and all(torch.isfinite(v) for v in r.aux.values())
         for bad, message in [(torch.full((3, 4), 2e18), "reach 2e\\+18"), (torch.full((3, 4), float("inf")), "NaN"),
                              (torch.ones(3, 4, dtype=torch.long), "floating-point"), (torch.ones(3, 4, device="meta"), "meta")]:
             with pytest.raises(ValueError, match=message):
-                route(bad, name, k=k)
+                route(bad, name, k=k, **ids)
 
 
 @pytest.mark.parametrize("call, message", [
@@ -246,6 +247,8 @@ def run_scheme(name, logits, k, cf):
     opts = {"capacity_factor": cf} if s.uses_capacity else {}
     if name == "noisy_topk":
         opts.update(noise_logits=torch.randn_like(logits), training=True, generator=torch.Generator().manual_seed(0))
+    if "token_ids" in s.options:
+        opts["token_ids"] = torch.arange(logits.shape[0]) % 5
     return route(logits, name, k=min(k, logits.shape[1]) if s.uses_k else None, **opts)
 
 

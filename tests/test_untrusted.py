@@ -36,7 +36,7 @@ from moe_core.model.checkpoint import (
 from moe_core.model.gpt import MoEConfig, MoEGPT
 from moe_core.model.params import count_params
 
-SHIPPED = ["moe-n4", "moe-n8", "moe-n16", "moe-n32", "moe-n8-nobalance", "moe-n8-bias", "moe-n8-switch",
+SHIPPED = ["moe-n4", "moe-n8", "moe-n16", "moe-n32", "moe-n8-nobalance", "moe-n8-bias", "moe-n8-switch", "moe-n8-hash",
            "moe-n8-untrained"]
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = MoEGPT(MoEConfig(n_layer=1, n_head=2, d_model=16, d_ff=8, block_size=8, vocab_size=32, n_experts=2))

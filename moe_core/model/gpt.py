@@ -182,15 +182,15 @@ class Block(nn.Module):
         )
 
     def forward(self, x: Tensor, mask: Tensor | None, request: RoutingRequest, layer: int,
-                cache: list | None = None) -> tuple[Tensor, Routing]:
+                cache: list | None = None, idx: Tensor | None = None) -> tuple[Tensor, Routing]:
         x = x + self.attn(self.ln_1(x), cache)
         h = self.ln_2(x)
         if mask is None:
-            y, routing = self.moe(h, request=request, layer=layer)
+            y, routing = self.moe(h, idx, request=request, layer=layer)
         else:
             # only real tokens are routed (padding must not compete for capacity)
             y = torch.zeros_like(h)
-            y[mask], routing = self.moe(h[mask], request=request, layer=layer)
+            y[mask], routing = self.moe(h[mask], None if idx is None else idx[mask], request=request, layer=layer)
         return x + y, routing
 
 
@@ -332,7 +332,7 @@ class MoEGPT(nn.Module):
         x = self.wte(idx) + self.wpe(pos)                # (B, T, C)
         routings = []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, mask, request, i, None if cache is None else cache[i])
+            x, routing = block(x, mask, request, i, None if cache is None else cache[i], idx)
             routings.append(routing)
         x = self.ln_f(x)
         logits = self.lm_head(x) if return_logits or targets is None else None  # (B, T, vocab)

@@ -179,7 +179,7 @@ class MoELayer(nn.Module):
     # -- routing ---------------------------------------------------------------
 
     def _check_options(self, scheme: str, options: dict) -> None:
-        allowed = set(get_scheme(scheme).options) - {"noise_logits", "generator", "training", "bias"}
+        allowed = set(get_scheme(scheme).options) - {"noise_logits", "generator", "training", "bias", "token_ids"}
         bad = set(options) - allowed
         if bad:
             raise ValueError(f"{scheme} does not take option(s) {', '.join(sorted(bad))} (it takes: {', '.join(sorted(allowed)) or 'none'})")
@@ -189,11 +189,13 @@ class MoELayer(nn.Module):
         """The capacity factor the layer was built with (for its own scheme), if any."""
         return self.router_options.get("capacity_factor")
 
-    def route(self, x: Tensor, request: RoutingRequest | None = None, *, layer: int = 0, **overrides) -> Routing:
+    def route(self, x: Tensor, request: RoutingRequest | None = None, *, layer: int = 0,
+              token_ids: Tensor | None = None, **overrides) -> Routing:
         """Router decision for x [n, d_model] (one or more groups), without running experts.
 
         `request` (a RoutingRequest, made once by the caller) says how to route: scheme, top-k, capacity
-        factor and the experts switched off in `layer`. Without one, the keyword overrides (`top_k=`,
+        factor and the experts switched off in `layer`. `token_ids` [n] (the id of each token of x) is what
+        hash routing routes by; the model passes them, other schemes ignore them. Without a request, the keyword overrides (`top_k=`,
         `scheme=`, `capacity_factor=`, `disabled_experts=[...]`) make it, checked by the same
         `RoutingRequest.make`; other keywords are the scheme's own options.
 
@@ -229,6 +231,8 @@ class MoELayer(nn.Module):
             options.update(noise_logits=self.noise(x), training=self.training)
         if scheme == "deepseek":
             options.setdefault("bias", self.expert_bias)
+        if "token_ids" in get_scheme(scheme).options:
+            options["token_ids"] = None if token_ids is None else token_ids.reshape(-1)
         full_logits = logits
         if off:
             keep = torch.tensor([e for e in range(self.n_experts) if e not in off], device=logits.device)
@@ -243,7 +247,8 @@ class MoELayer(nn.Module):
         else:
             parts = []
             for start in range(0, n, group_size):
-                sub = {kk: (v[start : start + group_size] if kk == "noise_logits" else v) for kk, v in options.items()}
+                sub = {kk: (v[start : start + group_size] if kk in ("noise_logits", "token_ids") and v is not None
+                            else v) for kk, v in options.items()}
                 parts.append(route(logits[start : start + group_size], scheme, k=k, **sub))
             routing = Routing.cat(parts)
         if off:
@@ -266,7 +271,7 @@ class MoELayer(nn.Module):
 
     # -- forward -----------------------------------------------------------------
 
-    def forward(self, x: Tensor, **overrides) -> tuple[Tensor, Routing]:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, **overrides) -> tuple[Tensor, Routing]:
         """Route, then add up each token's experts as DeepSeek-V3's `MoE.forward` does (`expert_loop`):
             y = zeros_like(x)
             for i in range(N):
@@ -274,10 +279,10 @@ class MoELayer(nn.Module):
                 y[idx] += expert_i(x[idx]) * weights[idx, top, None]
             y += shared(x)
         `run_experts` computes exactly that, faster (one sort for all experts; threads or a grouped GEMM
-        by device): see moe_core/perf/experts.py."""
+        by device): see moe_core/perf/experts.py. `token_ids` (x's shape without d_model): for hash routing."""
         self._check_input(x, dims=(3, 2))
         x2 = x.reshape(-1, self.d_model).to(self.experts.w_in.dtype)   # (B*T, C), in the layer's dtype
-        routing = self.route(x2, **overrides)
+        routing = self.route(x2, token_ids=token_ids, **overrides)
         y = run_experts(self.experts, x2, routing.indices, routing.weights)
         if self.shared is not None:
             y = y + self.shared(x2)

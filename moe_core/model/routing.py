@@ -765,6 +765,79 @@ def update_bias(bias: Tensor, load: Tensor, gamma: float) -> Tensor:
     return bias + gamma * torch.sign(load.mean() - load)
 
 
+# ----------------------------------------------------------------------------- trivial routers (baselines)
+
+_PRIME = 2_147_483_647          # 2^31 - 1: Park and Miller's "minimal standard" generator (1988)
+
+
+def hash_scores(token_ids: Tensor, n_experts: int) -> Tensor:
+    """A fixed pseudo-random score per (token id, expert), [T, N] in [0, 1): the same id gets the same
+    scores in every call, on every machine. Three rounds of a Park-Miller step (x <- 48271 x mod 2^31 - 1)
+    and an xor-shift (which breaks the step's correlation between neighbouring inputs) of id * N + e + 1,
+    in int64 (nothing overflows: x stays below 2^31)."""
+    e = torch.arange(n_experts, device=token_ids.device)
+    x = (token_ids.long()[:, None] * n_experts + e + 1) % _PRIME
+    for _ in range(3):
+        x = x * 48271 % _PRIME
+        x = x ^ (x >> 15)
+    return x.double().div(_PRIME).float()
+
+
+def _uniform_routing(scheme: str, logits: Tensor, k: int, scores: Tensor) -> Routing:
+    """Route to the k experts with the highest (non-learned) `scores`, each weighted 1/k.
+
+    There is no router score to show, so `probs` holds the weights themselves (1/k on the chosen experts,
+    0 elsewhere); `aux["load_balance"]` is computed from them as for every scheme (1.0 when balanced).
+    The router's logits are not used: no gradient reaches the router."""
+    T, N = logits.shape
+    _, top_i = _topk_lowest_index(scores, k)
+    w = torch.full(top_i.shape, 1.0 / k, device=logits.device)
+    probs = torch.zeros(T, N, device=logits.device).scatter_(1, top_i, 1.0 / k)
+    counts = torch.bincount(top_i.reshape(-1), minlength=N).float()
+    aux = {"load_balance": _load_balance(probs, counts), "z_loss": z_loss(logits.detach())}
+    return _finish(scheme, probs, logits, top_i, torch.ones_like(top_i, dtype=torch.bool), w, None, aux)
+
+
+def hash_routing(logits: Tensor, k: int, *, token_ids: Tensor | None = None) -> Routing:
+    """Hash routing (Roller et al. 2021, Hash Layers for Large Sparse Models, arXiv:2106.04426).
+
+    No learned router: a fixed hash of the token's ID picks its experts, whatever the context.
+    S_t = TopK(hash(id_t, e), k) over experts e, w_{t,e} = 1/k. With k = 1 this is the paper's "random
+    hash" (one fixed random expert per vocabulary entry); for k > 1 each id ranks the experts by its own
+    hash scores (rendezvous hashing, Thaler and Ravishankar 1998), so the k experts are distinct and
+    switching one expert off moves only the ids that used it. The paper's best variant balances the
+    buckets by token frequency; we keep the plain random hash, the stronger baseline's simpler sibling.
+    A token's experts depend on its id alone, so the routing is causal and the load follows how often
+    each id occurs.
+    """
+    logits = _check_logits(logits)
+    T, N = logits.shape
+    k = _check_k(k, N)
+    if token_ids is None:
+        raise ValueError("hash routing picks experts from the token ids: call the model with token ids, "
+                         "or pass token_ids= (one id per token) to the layer")
+    if (not isinstance(token_ids, Tensor) or token_ids.dtype not in (torch.long, torch.int)
+            or tuple(token_ids.shape) != (T,) or (T and int(token_ids.min()) < 0)):
+        raise ValueError(f"token_ids must be an integer tensor of {T} non-negative token ids (one per routed "
+                         f"token), got {token_ids if not isinstance(token_ids, Tensor) else tuple(token_ids.shape)}")
+    return _uniform_routing("hash", logits, k, hash_scores(token_ids.to(logits.device), N))
+
+
+def random_routing(logits: Tensor, k: int, *, generator: torch.Generator | None = None) -> Routing:
+    """Random routing: every token gets k distinct experts drawn uniformly at random, each weighted 1/k,
+    drawn again at every call (a baseline in Roller et al. 2021, arXiv:2106.04426; Zuo et al. 2022,
+    "Taming Sparsely Activated Transformer with Stochastic Experts", arXiv:2110.04260, train with it).
+
+    It ignores both the token and the router, so it balances the load perfectly on average and cannot
+    specialise. Draws come from `generator`, or torch's default one (seed it with torch.manual_seed)."""
+    logits = _check_logits(logits)
+    T, N = logits.shape
+    k = _check_k(k, N)
+    generator = _generator(generator)
+    scores = torch.rand(T, N, generator=generator, device=logits.device)
+    return _uniform_routing("random", logits, k, scores)
+
+
 # ----------------------------------------------------------------------------- registry
 
 
@@ -809,6 +882,12 @@ SCHEMES: dict[str, Scheme] = {
         Scheme("deepseek", "DeepSeek-V3 (sigmoid + bias)", deepseek,
                "DeepSeek-AI 2024, DeepSeek-V3 Technical Report, arXiv:2412.19437",
                True, None, False, None, True, ("bias", "n_groups", "topk_groups", "normalize", "scaling")),
+        Scheme("hash", "Hash of the token id (baseline)", hash_routing,
+               "Roller et al. 2021, Hash Layers for Large Sparse Models, arXiv:2106.04426",
+               True, None, False, None, True, ("token_ids",)),
+        Scheme("random", "Random experts (baseline)", random_routing,
+               "Roller et al. 2021, arXiv:2106.04426 (random routing baseline)",
+               True, None, False, None, True, ("generator",)),
     ]
 }
 

@@ -692,7 +692,8 @@ def check_launch(p: int) -> None:
 def route_argv(args, model_name: str, device: str) -> list[str]:
     """The `moe-lab route` command line each torchrun process runs (the text is in TEXT_FILE_ENV's file)."""
     argv = ["route", "--expert-parallel", str(args.expert_parallel), "--model", model_name, "--device", device]
-    for flag, v in (("--top-k", args.top_k), ("--scheme", args.scheme), ("--capacity-factor", args.capacity_factor)):
+    for flag, v in (("--top-k", args.top_k), ("--scheme", args.scheme), ("--capacity-factor", args.capacity_factor),
+                    ("--seed", args.seed)):
         if v is not None:
             argv += [flag, str(v)]
     if args.json:
@@ -739,6 +740,7 @@ def cmd_route(args, text: str, model_name: str, route_table) -> int:
     try:
         dev = init(device.type)
         model = load(model_name, device=dev)
+        torch.manual_seed(args.seed or 0)     # every rank draws the same random routing
         res = route_text_parallel(model, text, scheme=args.scheme, top_k=args.top_k,
                                   capacity_factor=args.capacity_factor)
         if res is not None:

@@ -67,7 +67,7 @@ class TrainConfig:
 class Preset:
     name: str
     description: str
-    balancing: str                       # none | load_balance | deepseek_bias | cv | capacity
+    balancing: str                       # none | load_balance | deepseek_bias | hash | untrained
     model: dict = field(default_factory=dict)
     train: dict = field(default_factory=dict)
     order: int = 50                      # display order of the shipped checkpoints
@@ -89,8 +89,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            dict(n_experts=8, scheme="deepseek", bias_update_rate=0.01), order=6),
     Preset("moe-n8-switch", "8 experts, Switch top-1 with capacity factor 1.25 and load-balancing loss", "load_balance",
            dict(n_experts=8, scheme="switch", top_k=1, capacity_factor=1.25, **_BALANCED), order=7),
+    Preset("moe-n8-hash", "8 experts, 2 per token chosen by a fixed hash of the token id: no learned router", "hash",
+           dict(n_experts=8, scheme="hash"), order=8),
     Preset("moe-n8-untrained", "8 experts, top-2, the random initialisation (0 steps): routing by chance", "untrained",
-           dict(n_experts=8), dict(steps=0), order=8),
+           dict(n_experts=8), dict(steps=0), order=9),
     # short recipes for demos and tests (not shipped)
     Preset("tiny", "2 layers, 4 experts, 60 steps: a smoke test", "load_balance",
            dict(n_layer=2, n_experts=4, d_model=64, n_head=2, d_ff=64, block_size=128, **_BALANCED),
