@@ -589,10 +589,10 @@ class Dashboard(pn.viewable.Viewer):
         (Panel re-renders a pane updated while out of the document with stylesheets from its CDN, and a
         classroom may have no internet)."""
         tabs = {"Router": "router", "Router details": "details", "Compare": "compare", "Expert profiles": "profiles",
-                "Watch it write": "write", "Training lab": "lab", "Parameters": "params", "Scale": "scale", "Quiz": "quiz",
+                "Watch it write": "write", "Experiments": "experiments", "Training lab": "lab", "Parameters": "params", "Scale": "scale", "Quiz": "quiz",
                 "Learn": "learn"}
         self._builders = {"details": self.details_tab, "compare": self.compare_tab, "profiles": self.profiles_tab,
-                          "write": self.write_tab, "lab": self.lab_tab, "params": self.params_tab, "scale": self.scale_tab,
+                          "write": self.write_tab, "experiments": self.experiments_tab, "lab": self.lab_tab, "params": self.params_tab, "scale": self.scale_tab,
                           "quiz": self.quiz_tab, "learn": self.learn_tab}
         self.tab_names = list(tabs.values())
         self._views = {"router": self.router_tab()}
@@ -646,6 +646,13 @@ class Dashboard(pn.viewable.Viewer):
 
         self.writer = WriteView(state=self.state, notify=self.notify)
         return self._named("write", pn.Column(self.writer, css_classes=["view-write"], sizing_mode="stretch_width"))
+
+    def experiments_tab(self):
+        from .views.experiments import ExperimentsView
+
+        self.experiments = ExperimentsView(state=self.state, notify=self.notify, open_tab=self.show_tab)
+        return self._named("experiments", pn.Column(self.experiments, css_classes=["view-experiments"],
+                                                    sizing_mode="stretch_width"))
 
     def quiz_tab(self):
         from .views.quiz import QuizView

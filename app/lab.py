@@ -22,6 +22,7 @@ from bokeh.core.properties import value
 from bokeh.models import ColumnDataSource, HoverTool, Legend, Span
 from bokeh.plotting import figure
 
+from moe_core.experiments import saturation_curve
 from moe_core.model.routing import SCHEMES
 from moe_core.train.lab import (
     BALANCING,
@@ -86,6 +87,9 @@ def held(handler):
     return callback
 
 
+SATURATION_COLORS = ["#0b3d6e", "#b35806", "#1b7837", "#762a83"]
+
+
 class TrainingLab(pn.viewable.Viewer):
     """Controls + live plots for one session's training job."""
 
@@ -107,6 +111,7 @@ class TrainingLab(pn.viewable.Viewer):
                                          name=f"lab_balance_{i}") for i in range(2)]
         self.share_src = [ColumnDataSource({"step": []}, name=f"lab_share_{i}") for i in range(2)]
         self.bias_src = [ColumnDataSource({"step": []}, name=f"lab_bias_{i}") for i in range(2)]
+        self.sat_src = ColumnDataSource({"step": []}, name="lab_saturation")
         self._build_plots(Recipe(), None)
         self._alive = page_connected(pn.state.curdoc)
         if self._alive is not None:
@@ -299,11 +304,15 @@ class TrainingLab(pn.viewable.Viewer):
             self.busy_src[i].data = {"step": [], "busiest": []}
             self.bal_src[i].data = {"step": [], "max_over_mean": [], "load_balance": [], "dead": []}
         self._history = [[] for _ in runs]       # kept for redrawing the share plots per layer
+        self._probes = []                        # run A's (step, router top-k on the probe tokens)
+        self.sat_src.data = {"step": []}
         shape = [(r.n_experts, r.balancing == "deepseek_bias") for r in runs]
-        if shape == getattr(self, "_shape", None):
+        if shape == getattr(self, "_shape", None) and hasattr(self, "sat_pane"):
             for items in self._legend_items:
                 for item, r in zip(items, runs):
                     item.label = value(f"{item.label.value[0]}: {r.label()}")
+            self.sat_pane.object.title.text = re.sub(r"top-\d+", f"top-{a.model_config().top_k}",
+                                                     self.sat_pane.object.title.text)
             self._rebuild_share_plots()
             return
         self._shape = shape
@@ -341,14 +350,24 @@ class TrainingLab(pn.viewable.Viewer):
                 self._legend_items.append(legend.items)
             fig.xaxis.axis_label = "step"
             fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("value", "$y{0.000}")]))
+        s = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1.02), tools="save", toolbar_location="right",
+                   title=f"A: router saturation, share of the latest top-{a.model_config().top_k} choices already made")
+        layers = a.model_config().n_layer
+        items_s = [(f"layer {i}", [s.line("step", f"l{i}", source=self.sat_src, color=SATURATION_COLORS[i % 4],
+                                          width=2)]) for i in range(layers)]
+        s.add_layout(Legend(items=items_s, label_text_font_size="11px", orientation="horizontal"), "below")
+        s.xaxis.axis_label = "step (the router probed every 10 steps on 512 held-out tokens)"
+        s.add_tools(HoverTool(tooltips=[("step", "@step"), ("already final", "$y{0%}")]))
         if not hasattr(self, "loss_pane"):
             self.loss_pane = pn.pane.Bokeh(f, sizing_mode="stretch_width")
+            self.sat_pane = pn.pane.Bokeh(s, sizing_mode="stretch_width")
             self.busy_pane = pn.pane.Bokeh(g, sizing_mode="stretch_width")
             self.bal_pane = pn.pane.Bokeh(h, sizing_mode="stretch_width")
             self.share_panes = pn.Row(sizing_mode="stretch_width")
             self.bias_panes = pn.Row(sizing_mode="stretch_width")
         else:
             self.loss_pane.object, self.busy_pane.object, self.bal_pane.object = f, g, h
+            self.sat_pane.object = s
         self._share_figs = None
         self._rebuild_share_plots()
 
@@ -394,6 +413,12 @@ class TrainingLab(pn.viewable.Viewer):
 
     def _stream(self, i: int, steps: list[dict]):
         self._history[i].extend(steps)
+        probes = [(s["step"], s["probe"]) for s in steps if "probe" in s]
+        if i == 0 and probes:               # every point is measured against the newest probe: all redrawn
+            self._probes.extend(probes)
+            curve = saturation_curve([p for _, p in self._probes])
+            self.sat_src.data = {"step": [t for t, _ in self._probes],
+                                 **{f"l{j}": [c[j] for c in curve] for j in range(len(curve[0]))}}
         xs = [s["step"] for s in steps]
         self.loss_src[i].stream({"step": xs, "loss": [s["loss"] for s in steps]})
         ev = [(s["step"], s["eval_loss"]) for s in steps if s["eval_loss"] is not None]
@@ -478,7 +503,7 @@ class TrainingLab(pn.viewable.Viewer):
             pn.Column(
                 self.progress, self.status,
                 pn.Row(self.loss_pane, self.busy_pane, sizing_mode="stretch_width"),
-                self.bal_pane,
+                pn.Row(self.bal_pane, self.sat_pane, sizing_mode="stretch_width"),
                 self.layer, self.share_panes, self.bias_panes,
                 pn.Row(self.use_btn, self.download),
                 pn.pane.Markdown(text, sizing_mode="stretch_width", stylesheets=self._css),

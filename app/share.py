@@ -18,7 +18,7 @@ from moe_core.model.routing import SCHEMES
 
 from .state import RouterState, catalog, examples
 
-TABS = ("router", "details", "compare", "lab", "profiles", "write", "params", "scale", "quiz", "learn")
+TABS = ("router", "details", "compare", "lab", "profiles", "write", "experiments", "params", "scale", "quiz", "learn")
 HIDEABLE = ("controls", "text", "tabs", "header")
 MAX_TEXT_IN_URL = 2000        # characters of text a link carries (browsers and proxies cut long URLs)
 MAX_VALUE_CHARS = 40          # longer values (other than text) are not worth reading

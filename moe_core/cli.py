@@ -5,6 +5,7 @@
     moe-lab route "def f(x): return 42" --json     route text through a trained model
     moe-lab generate "Once upon a" --json          the model writes on, token by token, with each token's experts
     moe-lab models --json                          the shipped checkpoints
+    moe-lab experiment --list                      guided experiments: is there a code expert? ...
     moe-lab train --preset moe-n8                  reproduce a checkpoint
     moe-lab corpus                                 rebuild the corpus and tokenizer
     moe-lab bench --json                           MoE layer vs dense FFN timings
@@ -323,6 +324,39 @@ def _generate(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from .experiments import EXPERIMENTS, OWN_MODELS, run_experiment
+    from .model.checkpoint import load
+
+    if args.list or not args.name:
+        if args.json:
+            print(json.dumps([{"name": e.name, "title": e.title, "question": e.question, "choices": list(e.choices),
+                               "source": e.source} for e in EXPERIMENTS.values()], indent=2))
+        else:
+            for e in EXPERIMENTS.values():
+                print(f"{e.name:16} {e.title}  ({e.source})")
+        return 0
+    if args.name not in EXPERIMENTS:
+        raise UsageError(f"moe-lab experiment: unknown experiment {args.name!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    if args.model and args.name in OWN_MODELS:
+        raise UsageError(f"moe-lab experiment: {args.name} uses its own models ({OWN_MODELS[args.name]}); "
+                         f"--model does not apply")
+    if args.token is not None and args.name != "same_token":
+        raise UsageError("moe-lab experiment: --token applies to same_token only")
+    options = {"token": args.token} if args.token is not None else {}
+    model = None if args.name in OWN_MODELS else load(args.model or "moe-n8")
+    res = run_experiment(args.name, model, **options)
+    if args.json:
+        out = json.dumps(res, indent=2)
+        print(out if _encodable(out) else json.dumps(json.loads(out)))
+        return 0
+    print(f"{res['title']} ({res['source']})\n{res['question']}")
+    for i, c in enumerate(res["choices"]):
+        print(f"  {'*' if i == res['answer'] else ' '} {c}")
+    print(f"\n{res['finding']}")
+    return 0
+
+
 def _generate_summary(prefill, new, request, temperature, seed, tokens_per_s, prefill_s) -> str:
     how = "greedy" if temperature == 0 else f"temperature {temperature:g}, seed {seed}"
     k = f", k={request.top_k}" if request.top_k else ""
@@ -448,11 +482,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0 (default): greedy, always the most probable token; above 0: sampled, higher = more random")
     q.add_argument("--seed", type=_int_in(0, 2**64 - 1), help="seed of the sampling (temperature > 0); default random")
     q.add_argument("--model", type=_name, help="checkpoint name (moe-lab models); default moe-n8")
-    q.add_argument("--scheme", type=_name, help="routing scheme: softmax_topk, noisy_topk or deepseek "
+    q.add_argument("--scheme", type=_name, help="routing scheme: softmax_topk, noisy_topk, deepseek, hash or random "
                                                 "(the schemes that route each token on its own)")
     q.add_argument("--top-k", type=_positive_int, help="experts per token")
     q.add_argument("--json", action="store_true", help="print JSON: every token with its experts per layer")
     q.set_defaults(fn=cmd_generate)
+
+    q = sub.add_parser("experiment", help="guided experiments on what the experts learned (predict, run, see)")
+    q.add_argument("name", nargs="?", help="the experiment (moe-lab experiment --list)")
+    q.add_argument("--list", action="store_true", help="list the experiments")
+    q.add_argument("--model", type=_name, help="checkpoint name; default moe-n8")
+    q.add_argument("--token", type=_name, help="same_token: the token to follow (one token, e.g. ' the')")
+    q.add_argument("--json", action="store_true", help="print JSON: the numbers, the finding and the figure's data")
+    q.set_defaults(fn=cmd_experiment)
 
     q = sub.add_parser("train", help="train a model from a preset and save a checkpoint")
     q.add_argument("--preset", required=True, help="e.g. moe-n8, moe-n8-nobalance, tiny")

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from app.lab import TrainingLab, page_connected, queue_text
 from app.state import RouterState
+from moe_core.analysis.metrics import topk_overlap
 from moe_core.model.checkpoint import load_file
 from moe_core.train.lab import JobManager, Recipe, manager
 
@@ -30,6 +31,13 @@ def test_lab_job_to_plots_to_download_to_router(tmp_path):
     bal = lab.bal_src[0].data
     assert len(bal["max_over_mean"]) == 20 and min(bal["max_over_mean"]) >= 1.0     # max >= mean, always
     assert all(0 < lb <= 8 for lb in bal["load_balance"])                            # N sum f P is in (0, N]
+    # router saturation: the router probed every 10 steps, each look against the last (OLMoE Fig. 20)
+    sat = lab.sat_src.data
+    probes = [s["probe"] for s in lab.job.runs[0].steps if "probe" in s]
+    assert list(sat["step"]) == [10, 20] and len(probes) == 2
+    assert sat["l0"][-1] == sat["l1"][-1] == 1.0
+    assert sat["l0"][0] == topk_overlap(probes[0][0], probes[1][0]) < 1.0
+    assert probes[1][0].shape == (256, 2)                                            # 2 windows of 128, k = 2
 
     blob = lab._download().getvalue()
     with zipfile.ZipFile(io.BytesIO(blob)) as z:

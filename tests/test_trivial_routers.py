@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moe_core.cli import main
+from moe_core.data.tokenizer import get_tokenizer
 from moe_core.generate import PER_TOKEN_SCHEMES, generate
 from moe_core.model.checkpoint import load
 from moe_core.model.gpt import MoEConfig, MoEGPT
@@ -105,3 +106,18 @@ def test_cli_route_takes_the_new_schemes(capsys):
     a = json.loads(capsys.readouterr().out)
     assert main(["route", "the cat", "--scheme", "random", "--seed", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layers"] == a["layers"]          # seeded: the same draw
+
+
+@pytest.mark.ui
+def test_the_router_picture_says_a_hash_has_no_scores_and_lights_the_ids_experts(page, app_url):
+    from tests.test_ui import IGNORED, SCREEN, open_app
+
+    errors = open_app(page, app_url + "?scheme=hash&text=the%20cat%20sat")
+    page.wait_for_function(f"() => {SCREEN}.querySelector('.view-decide .note').textContent.includes('fixed hash')")
+    note = page.evaluate(f"() => {SCREEN}.querySelector('.view-decide .note').textContent")
+    assert "there are no scores" in note and "each weighted 1/2" in note
+    lit = page.evaluate(f"() => [...{SCREEN}.querySelectorAll('.view-decide .col.on')].map(c => "
+                        f"Number(c.querySelector('.light').textContent))")
+    tid = get_tokenizer().encode("the cat sat")[0]           # token 0 is selected
+    assert sorted(lit) == sorted(hash_scores(torch.tensor([tid]), 8).topk(2).indices[0].tolist())
+    assert [e for e in errors if not any(i in e for i in IGNORED)] == []

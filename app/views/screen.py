@@ -366,6 +366,11 @@ class RouterScreen(JSComponent):
           say("GShard: top-2 with room for " + l.capacity + " tokens per expert; first choices take their slots " +
               "before second choices, so second choices are dropped first (the second expert is always sent here; " +
               "the paper sends it with probability 2\u00b7p\u2082).");
+        } else if (d.scheme === "hash" || d.scheme === "random") {
+          const k = d.k || top.length;
+          say((d.scheme === "hash" ? "No learned router: a fixed hash of this token's id picks its " + k + " experts, the same " +
+               "ones wherever the token appears" : "No router: " + k + " experts drawn at random for this token, drawn " +
+               "again at every routing") + ", each weighted 1/" + k + ". The bars show these weights: there are no scores.");
         } else {
           say("Top-" + (d.k || top.length) + " of " + d.n + " scores light up; their weights are renormalised to sum to 1.");
         }

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..model.routing import Routing
@@ -81,3 +82,14 @@ def coverage_curve(routings: list[Routing]) -> list[int]:
     T = routings[0].dispatch.shape[0]
     first = torch.cat([torch.where(r.dispatch.any(0), r.dispatch.float().argmax(0), T) for r in routings])
     return torch.bincount(first, minlength=T + 1)[:T].cumsum(0).tolist()
+
+
+def topk_overlap(choices: np.ndarray, reference: np.ndarray) -> float:
+    """The share of the reference routing's choices that `choices` also makes, over the same tokens: both
+    [T, k] expert numbers (-1 = none). 1.0 when every token picks the reference's experts (in any order);
+    OLMoE's router saturation (arXiv:2409.02060, Fig. 20) is this against the final checkpoint."""
+    if choices.shape[0] != reference.shape[0]:
+        raise ValueError(f"the two routings cover {choices.shape[0]} and {reference.shape[0]} tokens; they must be the same tokens")
+    ref = reference >= 0
+    hit = ((choices[:, :, None] == reference[:, None, :]) & (choices[:, :, None] >= 0)).any(1) & ref
+    return float(hit.sum() / max(int(ref.sum()), 1))

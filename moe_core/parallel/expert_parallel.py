@@ -320,12 +320,12 @@ class ExpertParallelMoE(MoELayer):
         self.shared = layer.shared
         self.last_stats: ExchangeStats | None = None
 
-    def forward(self, x: Tensor, **overrides) -> tuple[Tensor, Routing]:
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, **overrides) -> tuple[Tensor, Routing]:
         shape = x.shape
         if x.dim() not in (2, 3) or shape[-1] != self.d_model:
             raise ValueError(f"MoELayer expects [B, T, {self.d_model}] or [T, {self.d_model}], got {tuple(shape)}")
         x2 = x.reshape(-1, self.d_model)                          # (n, C) this rank's tokens
-        routing = self.route(x2, **overrides)                     # the whole group, identical on every rank
+        routing = self.route(x2, token_ids=token_ids, **overrides)   # the whole group, identical on every rank
         sizes = self.router.sizes
         start = sum(sizes[: self.rank])
         idx = routing.indices[start : start + x2.shape[0]]        # (n, kmax) my tokens' experts, -1 = none

@@ -25,9 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..data.tokens import load_token_data
+from ..inference import forward_windows
 from ..model.gpt import MoEConfig
 from ..model.routing import SCHEMES
 from ..perf.pages import pages_kept
@@ -136,6 +138,28 @@ def verdict(busiest: float, n: int) -> tuple[str, str]:
     return "Balanced", f"busiest expert takes {busiest:.0%}; fair share is {1 / n:.0%}"
 
 
+PROBE_EVERY = 10     # steps between two looks at the router (router saturation, OLMoE Fig. 20)
+PROBE_WINDOWS = 2    # held-out windows it routes each time (512 tokens: ~20 ms on one core)
+
+
+def probe_windows(block_size: int) -> torch.Tensor:
+    """The fixed held-out windows on which a run's router is probed, the same for every run."""
+    return load_token_data().eval_windows(block_size, PROBE_WINDOWS)[0]
+
+
+@torch.no_grad()
+def probe_choices(net, x: torch.Tensor) -> list[np.ndarray]:
+    """Per layer, the router's top-k choices [T, k] (before capacity) for the probe windows x, as the model
+    routes now (in eval mode: no training noise)."""
+    was_training = net.training
+    net.eval()
+    try:
+        routings, _ = forward_windows(net, x.to(next(net.parameters()).device), None, None)
+    finally:
+        net.train(was_training)
+    return [r.choices.numpy() for r in routings]
+
+
 @dataclass
 class Run:
     """One recipe being trained: its live history."""
@@ -198,17 +222,21 @@ class Job:
                         trainers = [Trainer(r.recipe.model_config(), r.recipe.train_config(), data=data)
                                     for r in self.runs]
                         rng = torch.get_rng_state()     # as the trainers' seeded init left it
+                        probe = probe_windows(trainers[0].model_cfg.block_size)
                     while self._wants_round():
                         t0 = time.perf_counter()
                         # noisy top-k draws its training noise from torch's global generator: this job's
                         # draws continue its own stream, whatever other jobs drew while it was paused or
                         # queued (with one slot, the default, no other job steps meanwhile)
                         torch.set_rng_state(rng)
-                        recs = [(run, _record(t.step())) for run, t in zip(self.runs, trainers) if not t.done]
+                        recs = [(run, _record(t.step()), t) for run, t in zip(self.runs, trainers) if not t.done]
                         rng = torch.get_rng_state()
+                        for _, rec, t in recs:            # after the rng is kept: probing draws nothing of it
+                            if t.step_count % PROBE_EVERY == 0 or t.done:
+                                rec["probe"] = probe_choices(t.model, probe)
                         dt = time.perf_counter() - t0
                         with m._lock:
-                            for run, rec in recs:
+                            for run, rec, _ in recs:
                                 run.steps.append(rec)
                             self.trained += 1
                             self.sec_per_round = dt if self.sec_per_round is None else 0.8 * self.sec_per_round + 0.2 * dt
