@@ -79,12 +79,13 @@ def routed(model, text: str, request: RoutingRequest) -> RouteResult:
     and settings: it costs one routing, and every session reads the same result (never changed after
     it is made). The entry holds the model, so its id cannot be reused by another model meanwhile."""
     key = (id(model.model), text, request)
-    hit = _routes.get(key)
+    repeatable = SCHEMES[request.scheme].repeatable     # random routing draws again at every routing
+    hit = _routes.get(key) if repeatable else None
     if hit is not None:
         _routes.move_to_end(key)
         return hit[1]
     res = route_text(model, text, request, max_tokens=LIVE_TOKENS, truncate=True)
-    if len(text) <= ROUTE_CACHE_CHARS:
+    if len(text) <= ROUTE_CACHE_CHARS and repeatable:
         _routes[key] = (model.model, res)
         if len(_routes) > ROUTE_CACHE_SIZE:
             _routes.popitem(last=False)

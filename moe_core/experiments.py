@@ -71,6 +71,13 @@ def _k_of(choices: np.ndarray) -> int:
     return int((choices >= 0).sum(1).max())
 
 
+def random_choices(n_tokens: int, n_experts: int, k: int, n_layers: int, seed: int = 0) -> list[np.ndarray]:
+    """What random routing decides for n_tokens tokens, per layer: k distinct experts drawn uniformly per token
+    (moe_core.model.routing.random_routing ignores the tokens, so no model pass is needed; seeded here)."""
+    rng = np.random.default_rng(seed)
+    return [np.argsort(rng.random((n_tokens, n_experts)), axis=1)[:, :k] for _ in range(n_layers)]
+
+
 def specialisation(ids: np.ndarray, choices: np.ndarray, n_experts: int, min_count: int = MIN_OCCURRENCES) -> float:
     """OLMoE Fig. 23: for each token id seen at least `min_count` times, the share of its occurrences routed
     to its most frequent expert; averaged over occurrences. Routing by chance gives about k/N."""
@@ -129,9 +136,7 @@ def same_token(model, token: str = SAME_TOKEN) -> dict:
 
     agreement = agree(choices)
     distinct = [len({tuple(sorted(c[c >= 0])) for c in ch[where]}) for ch in choices]
-    torch.manual_seed(0)
-    _, rchoices, _ = _heldout(model, RoutingRequest.make(net.config, "random", top_k=_k_of(choices[0])))
-    chance = agree(rchoices)
+    chance = agree(random_choices(len(ids), n, _k_of(choices[0]), len(choices)))
     block = net.config.block_size
     shown = where[np.linspace(0, len(where) - 1, min(EXAMPLES, len(where))).astype(int)]
     rows = []
@@ -227,10 +232,7 @@ def token_ids(model) -> dict:
     ids, choices, _ = _heldout(model)
     k = _k_of(choices[0])
     measured = [specialisation(ids, ch, n) for ch in choices]
-    torch.manual_seed(0)
-    rand = RoutingRequest.make(net.config, "random", top_k=k)
-    _, rchoices, _ = _heldout(model, rand)
-    chance = [specialisation(ids, ch, n) for ch in rchoices]
+    chance = [specialisation(ids, ch, n) for ch in random_choices(len(ids), n, k, len(choices))]
     above = min(m / c for m, c in zip(measured, chance))
     finding = (f"On average a token id goes to its favourite expert in {', '.join(_pct(m) for m in measured)} of its "
                f"occurrences (layers 0 to {len(measured) - 1}). Random routing of the same tokens gives "

@@ -11,7 +11,9 @@ from app.state import RouterState, examples
 from moe_core.model.checkpoint import load
 from moe_core.analysis.compare import compare_results
 from moe_core.analysis.explain import router_walkthrough
+from app.views.walkthrough import walkthrough_html
 from moe_core.inference import route_text
+from moe_core.model.routing import hash_scores
 
 CODE = "def f(x):\n    return 42 + x  # the answer"
 
@@ -194,11 +196,14 @@ def test_dashboard_lesson_moves_tabs_highlights_and_keys():
 # -- walkthrough ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["softmax_topk", "switch", "gshard", "expert_choice", "deepseek", "base"])
+@pytest.mark.parametrize("scheme", ["softmax_topk", "switch", "gshard", "expert_choice", "deepseek", "base", "hash",
+                                    "random"])
 def test_walkthrough_recomputes_the_layer_output_by_hand(scheme):
     m = load("moe-n8")
+    torch.manual_seed(0)                      # random routing: the walkthrough and route_text draw alike
     d = router_walkthrough(m, CODE, 5, 1, scheme=scheme)
     assert d["max_abs_diff"] < 1e-4
+    torch.manual_seed(0)
     res = route_text(m, CODE, scheme=scheme)
     r = res.routings[1]
     assert d["experts"] == [e for e in r.indices[5].tolist() if e >= 0]
@@ -206,6 +211,17 @@ def test_walkthrough_recomputes_the_layer_output_by_hand(scheme):
     if scheme == "softmax_topk":
         assert sum(d["weights"]) == pytest.approx(1.0, abs=1e-5)
         assert torch.tensor(d["logits"]).softmax(0).tolist() == pytest.approx(d["probs"], abs=1e-5)
+
+
+def test_walkthrough_says_a_hash_router_has_no_scores():
+    m = load("moe-n8")
+    d = router_walkthrough(m, CODE, 5, 1, scheme="hash")
+    assert d["max_abs_diff"] < 1e-4 and d["score"] == "none" and d["weights"] == [0.5, 0.5]
+    tid = route_text(m, CODE).tokens[5].id
+    assert sorted(d["experts"]) == sorted(hash_scores(torch.tensor([tid]), 8).topk(2).indices[0].tolist())
+    html = walkthrough_html(d)
+    assert "ignores the router's logits" in html and "a fixed hash of the token id (k = 2)" in html
+    assert "softmax" not in html and "Renormalise" not in html
 
 
 def test_walkthrough_rejects_bad_requests():

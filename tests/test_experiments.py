@@ -22,6 +22,7 @@ from moe_core.experiments import (
     coactivation,
     merged,
     prune,
+    random_choices,
     reap_saliency,
     run_experiment,
     saturation_curve,
@@ -43,6 +44,15 @@ def test_specialisation_is_one_for_a_fixed_map_and_near_k_over_n_for_random_choi
     rand = np.stack([rng.permutation(8)[:2] for _ in ids])
     assert 0.25 <= specialisation(ids, rand, 8) < 0.30              # k/N = 2/8, a little more (the luckiest)
     assert np.isnan(specialisation(np.array([1, 2]), np.array([[0, 1], [1, 0]]), 8))   # no id seen 8 times
+
+
+def test_random_choices_are_what_random_routing_decides():
+    (ch,) = random_choices(40_000, 8, 2, 1)
+    assert ch.shape == (40_000, 2) and (ch[:, 0] != ch[:, 1]).all()
+    assert abs(shares(ch, 8) - 1 / 8).max() < 0.01
+    pairs = np.bincount(np.sort(ch, 1) @ np.array([8, 1]), minlength=64).reshape(8, 8)
+    assert pairs[np.triu_indices(8, 1)].min() > 0.85 * 40_000 / 28        # every pair as likely
+    assert np.array_equal(random_choices(5, 8, 2, 1)[0], random_choices(5, 8, 2, 1)[0])   # seeded
 
 
 def test_coactivation_counts_which_experts_share_a_token():

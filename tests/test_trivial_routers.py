@@ -17,6 +17,7 @@ from moe_core.data.tokenizer import get_tokenizer
 from moe_core.generate import PER_TOKEN_SCHEMES, generate
 from moe_core.model.checkpoint import load
 from moe_core.model.gpt import MoEConfig, MoEGPT
+from moe_core.model.layer import MoELayer
 from moe_core.model.request import RoutingRequest
 from moe_core.model.routing import hash_routing, hash_scores, random_routing, route
 
@@ -45,6 +46,11 @@ def test_hash_routing_needs_token_ids_and_says_so():
         route(torch.randn(3, 8), "hash", k=2)
     with pytest.raises(ValueError, match="3 non-negative token ids"):
         hash_routing(torch.randn(3, 8), 2, token_ids=torch.tensor([1, 2]))
+    layer = MoELayer(16, 8, 4, 2, scheme="hash")
+    for bad, got in [([1, 2, 3], "got list"), (torch.ones(3), "torch.float32 tensor of shape"),
+                     (torch.tensor([1, -2, 3]), "int64 tensor"), (None, "call the model with token ids")]:
+        with pytest.raises(ValueError, match=got):
+            layer(torch.randn(3, 16), bad)
 
 
 def test_random_routing_draws_again_each_call_and_balances_on_average():
@@ -121,3 +127,14 @@ def test_the_router_picture_says_a_hash_has_no_scores_and_lights_the_ids_experts
     tid = get_tokenizer().encode("the cat sat")[0]           # token 0 is selected
     assert sorted(lit) == sorted(hash_scores(torch.tensor([tid]), 8).topk(2).indices[0].tolist())
     assert [e for e in errors if not any(i in e for i in IGNORED)] == []
+
+
+def test_the_app_draws_random_routing_again_at_every_routing_and_remembers_hash_routing():
+    from app.state import RouterState
+
+    state = RouterState()
+    state.scheme = "random"
+    a, b = state.route(), state.route()
+    assert a is not b and not torch.equal(a.routings[0].indices, b.routings[0].indices)
+    state.scheme = "hash"
+    assert state.route() is state.route()             # repeatable: one routing per text, shared by the class

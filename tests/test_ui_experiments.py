@@ -158,7 +158,7 @@ LAYOUT = ("app-header", "experiment-controls", "ehead", "question", "choices", "
 
 
 @pytest.mark.ui
-@pytest.mark.parametrize("experiment", ["same_token", "domains"])
+@pytest.mark.parametrize("experiment", ["same_token", "domains", "coactivation", "learned_vs_hash"])
 @pytest.mark.parametrize("size, presenter", [((1366, 768), False), ((1366, 768), True), ((1920, 1080), False),
                                              ((768, 1024), False)], ids=["1366", "1366-presenter", "1920", "768"])
 def test_the_tab_fits_the_window(browser, app_url, experiment, size, presenter):

@@ -19,8 +19,14 @@ def walkthrough_html(d: dict) -> str:
     """The walkthrough dict of `moe_core.analysis.explain.router_walkthrough` as a step-by-step panel."""
     n = d["n_experts"]
     chosen = set(d["experts"])
-    score = "softmax over all experts" if d["score"] == "softmax" else "sigmoid per expert (DeepSeek-V3)"
+    score = {"softmax": "softmax over all experts", "sigmoid": "sigmoid per expert (DeepSeek-V3)",
+             "none": "none: this scheme ignores the router's logits; the score column shows the fixed weights "
+                     "1/k of the chosen experts"}[d["score"]]
     k_txt = f"k = {d['top_k']}" if d["top_k"] else "the scheme's rule"
+    if d["scheme"] == "hash":
+        k_txt = f"a fixed hash of the token id (k = {d['top_k']})"
+    elif d["scheme"] == "random":
+        k_txt = f"a random draw (k = {d['top_k']})"
     rows = []
     for e in range(n):
         p = d["probs"][e]

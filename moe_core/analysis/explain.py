@@ -5,7 +5,7 @@
 back for ONE token, and recomputes that token's output by hand:
 
     logits  l = W_r h                   (router, one score per expert)
-    probs   p = softmax(l)              (or sigmoid for DeepSeek-V3)
+    probs   p = softmax(l)              (or sigmoid for DeepSeek-V3; none for hash and random routing)
     choose  the scheme picks experts    (top-k, capacity, expert choice, ...)
     weights g_e: top-k probs, renormalised to sum to 1 when the scheme does
     output  y = sum_e g_e * E_e(h)      (+ shared experts, if the model has them)
@@ -80,7 +80,7 @@ def router_walkthrough(model: LoadedModel, text: str, token: int, layer: int, re
         "token": token, "token_text": tokens[token].text, "layer": layer, "scheme": scheme,
         "top_k": request.top_k, "n_experts": cfg.n_experts,
         "logits": logits.tolist(), "probs": probs.tolist(),
-        "score": "sigmoid" if scheme == "deepseek" else "softmax",
+        "score": {"deepseek": "sigmoid", "hash": "none", "random": "none"}.get(scheme, "softmax"),
         "chosen": chosen, "dropped": dropped, "experts": idx, "weights": w,
         "chosen_prob_sum": sum(chosen_probs),
         "parts": parts, "shared": shared,

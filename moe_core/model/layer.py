@@ -195,9 +195,9 @@ class MoELayer(nn.Module):
 
         `request` (a RoutingRequest, made once by the caller) says how to route: scheme, top-k, capacity
         factor and the experts switched off in `layer`. `token_ids` [n] (the id of each token of x) is what
-        hash routing routes by; the model passes them, other schemes ignore them. Without a request, the keyword overrides (`top_k=`,
-        `scheme=`, `capacity_factor=`, `disabled_experts=[...]`) make it, checked by the same
-        `RoutingRequest.make`; other keywords are the scheme's own options.
+        hash routing routes by; the model passes them, other schemes ignore them. Without a request, the
+        keyword overrides (`top_k=`, `scheme=`, `capacity_factor=`, `disabled_experts=[...]`) make it, checked
+        by the same `RoutingRequest.make`; other keywords are the scheme's own options.
 
         Switched-off experts (an ablation) can never be selected. They are removed from the routing
         group before the scheme runs, and the scheme routes over the remaining N' experts exactly as it
@@ -232,7 +232,7 @@ class MoELayer(nn.Module):
         if scheme == "deepseek":
             options.setdefault("bias", self.expert_bias)
         if "token_ids" in get_scheme(scheme).options:
-            options["token_ids"] = None if token_ids is None else token_ids.reshape(-1)
+            options["token_ids"] = token_ids.reshape(-1) if isinstance(token_ids, Tensor) else token_ids
         full_logits = logits
         if off:
             keep = torch.tensor([e for e in range(self.n_experts) if e not in off], device=logits.device)

@@ -818,8 +818,10 @@ def hash_routing(logits: Tensor, k: int, *, token_ids: Tensor | None = None) -> 
                          "or pass token_ids= (one id per token) to the layer")
     if (not isinstance(token_ids, Tensor) or token_ids.dtype not in (torch.long, torch.int)
             or tuple(token_ids.shape) != (T,) or (T and int(token_ids.min()) < 0)):
+        got = (f"a {token_ids.dtype} tensor of shape {tuple(token_ids.shape)}" if isinstance(token_ids, Tensor)
+               else type(token_ids).__name__)
         raise ValueError(f"token_ids must be an integer tensor of {T} non-negative token ids (one per routed "
-                         f"token), got {token_ids if not isinstance(token_ids, Tensor) else tuple(token_ids.shape)}")
+                         f"token), got {got}")
     return _uniform_routing("hash", logits, k, hash_scores(token_ids.to(logits.device), N))
 
 
@@ -855,6 +857,7 @@ class Scheme:
     default_capacity_factor: float | None
     causal: bool            # a token's routing depends only on itself and earlier tokens
     options: tuple[str, ...]  # keyword options the function accepts
+    repeatable: bool = True   # the same logits (and token ids) always route the same way
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -887,7 +890,7 @@ SCHEMES: dict[str, Scheme] = {
                True, None, False, None, True, ("token_ids",)),
         Scheme("random", "Random experts (baseline)", random_routing,
                "Roller et al. 2021, arXiv:2106.04426 (random routing baseline)",
-               True, None, False, None, True, ("generator",)),
+               True, None, False, None, True, ("generator",), repeatable=False),
     ]
 }
 
