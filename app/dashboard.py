@@ -650,7 +650,8 @@ class Dashboard(pn.viewable.Viewer):
     def experiments_tab(self):
         from .views.experiments import ExperimentsView
 
-        self.experiments = ExperimentsView(state=self.state, notify=self.notify, open_tab=self.show_tab)
+        self.experiments = ExperimentsView(state=self.state, notify=self.notify, open_tab=self.show_tab,
+                                           lab_run=lambda: self._lab.saturation_run() if hasattr(self, "_lab") else None)
         return self._named("experiments", pn.Column(self.experiments, css_classes=["view-experiments"],
                                                     sizing_mode="stretch_width"))
 

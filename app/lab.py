@@ -450,6 +450,13 @@ class TrainingLab(pn.viewable.Viewer):
 
     # -- results ------------------------------------------------------------------------------
 
+    def saturation_run(self) -> tuple | None:
+        """Run A's router probes once its training is done, for the saturation experiment: (steps, probes,
+        top-k), or None while there is no finished run."""
+        if self.job is None or self.job.state != "done" or len(self._probes) < 2:
+            return None
+        return ([t for t, _ in self._probes], [p for _, p in self._probes], self._recipes[0].model_config().top_k)
+
     def _loaded(self):
         from moe_core.model.checkpoint import LoadedModel
 

@@ -289,9 +289,12 @@ def saturation_curve(probes: list[list[np.ndarray]]) -> list[list[float]]:
     return [[topk_overlap(p, f) for p, f in zip(probe, final)] for probe in probes]
 
 
-def saturation(model=None, steps: int = SATURATION_STEPS) -> dict:
+def saturation(model=None, steps: int = SATURATION_STEPS, run: tuple | None = None) -> dict:
     """A Training-lab run (the lab's small model, load-balancing loss) with its router probed every PROBE_EVERY
-    steps, as the lab's Router saturation plot shows it live."""
+    steps, as the lab's Router saturation plot shows it live. `run`: (steps probed at, probes, top-k) of a run
+    made elsewhere (the app passes the session's Training-lab run) instead of training one here."""
+    if run is not None:
+        return saturation_result(*run)
     recipe = Recipe(balancing="load_balance", steps=steps).validate()
     model_cfg = recipe.model_config()
     trainer = Trainer(model_cfg, recipe.train_config())
@@ -302,16 +305,29 @@ def saturation(model=None, steps: int = SATURATION_STEPS) -> dict:
         if trainer.step_count % PROBE_EVERY == 0 or trainer.done:
             probes.append(probe_choices(trainer.model, x))
             at.append(trainer.step_count)
+    return saturation_result(at, probes, model_cfg.top_k)
+
+
+def saturation_result(at: list[int], probes: list[list[np.ndarray]], top_k: int) -> dict:
+    """The saturation experiment's result for a finished run probed at steps `at` (the CLI's own run, or the
+    Training lab's: the Experiments tab reads the session's latest lab run)."""
+    if len(probes) < 2:
+        raise ValueError("router saturation needs a run probed at least twice (20 steps or more)")
+    steps = at[-1]
     curve = saturation_curve(probes)
     mean = [float(np.mean(c)) for c in curve]
-    half = next(s for s, m in zip(at, mean) if m >= 0.9)
-    settled = half <= steps // 2
+    layers = range(len(curve[0]))
+    # per layer, the step from which the router keeps making at least 90% of its final choices
+    settle = [next(at[j] for j in range(len(at)) if all(c[i] >= 0.9 for c in curve[j:])) for i in layers]
+    settled = max(settle) <= steps // 2
     finding = (f"After {at[0]} of {steps} steps the router already makes {_pct(mean[0])} of its final "
-               f"top-{model_cfg.top_k} choices (mean over layers); {_pct(mean[len(mean) // 2])} at step "
-               f"{at[len(at) // 2]}; 90% from step {half} on. " +
-               ("Routing settles in the first half and the experts keep learning under it, as OLMoE found."
-                if settled else "Routing keeps changing late into the run."))
-    return {"numbers": {"steps": at, "overlap_with_final": curve, "mean": mean},
+               f"top-{top_k} choices (mean over layers), {_pct(mean[len(mean) // 2])} at step {at[len(at) // 2]}. "
+               f"Each layer keeps at least 90% of them from then on: " +
+               ", ".join(f"layer {i} from step {s}" for i, s in enumerate(settle)) + ". " +
+               ("Every layer settles in the first half, and the experts keep learning under a fixed routing, "
+                "as OLMoE found." if settled else "Not every layer has settled by half-way: routing keeps "
+                "changing late into this run."))
+    return {"numbers": {"steps": at, "overlap_with_final": curve, "mean": mean, "settled_from": settle},
             "answer": 0 if settled else 1, "finding": finding,
             "figure": {"kind": "lines", "x": at, "x_label": "training step",
                        "series": {f"layer {i}": [c[i] for c in curve] for i in range(len(curve[0]))},
@@ -485,7 +501,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
 
 
 OWN_MODELS = {"learned_vs_hash": "moe-n8, moe-n8-nobalance and moe-n8-hash",
-              "saturation": "a Training-lab run (2 layers, load-balancing loss)"}
+              "saturation": "a Training-lab run"}
 
 
 def run_experiment(name: str, model=None, **options) -> dict:

@@ -26,6 +26,7 @@ from moe_core.experiments import (
     reap_saliency,
     run_experiment,
     saturation_curve,
+    saturation_result,
     shares,
     specialisation,
 )
@@ -80,6 +81,18 @@ def test_saturation_curve_ends_at_one_and_measures_each_probe_against_the_last()
     last = [np.array([[0, 1], [2, 3]])]
     first = [np.array([[0, 5], [6, 7]])]
     assert saturation_curve([first, last]) == [[0.25], [1.0]]
+
+
+def test_saturation_result_says_from_which_step_each_layer_keeps_its_final_choices():
+    final, other = np.array([[0, 1]] * 4), np.array([[2, 3]] * 4)
+    res = saturation_result([10, 20, 30, 40], [[other, final], [final, other], [final, final], [final, final]], 2)
+    assert res["numbers"]["overlap_with_final"] == [[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+    assert res["numbers"]["settled_from"] == [20, 30]          # layer 1 lost its choices at step 20
+    assert res["answer"] == 1 and "layer 0 from step 20, layer 1 from step 30" in res["finding"]
+    early = saturation_result([10, 20, 30, 40], [[final, final]] * 4, 2)
+    assert early["answer"] == 0 and early["numbers"]["settled_from"] == [10, 10]
+    with pytest.raises(ValueError, match="probed at least twice"):
+        saturation_result([10], [[final]], 2)
 
 
 # -- each experiment on the real models --------------------------------------------------------------------------

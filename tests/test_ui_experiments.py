@@ -8,6 +8,7 @@ heatmap; the tab fits a laptop, presenter mode, a projector and a 768 px window 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -77,13 +78,30 @@ def test_an_experiment_on_a_model_it_does_not_fit_says_why():
     assert "at least 2 experts per token" in notes[-1][1]
 
 
-def test_saturation_points_to_the_training_lab():
-    v, _, opened = view()
+def test_saturation_is_checked_on_the_sessions_training_lab_run():
+    from moe_core.train.lab import Recipe, manager
+    from app.lab import TrainingLab
+
+    v, notes, opened = view()
     v.pick.value = "saturation"
-    assert v.lab_btn.visible and not v.run_btn.visible
-    assert "Training lab" in v.screen.status
+    assert v.lab_btn.visible and "Training lab" in v.screen.status
     v.lab_btn.clicks += 1
     assert opened == ["lab"]
+    v.screen.predicted = 0
+    v.run_now()                                     # no lab run yet: it says what to do
+    assert "no finished Training-lab run" in notes[-1][1] and json.loads(v.screen.result) == {}
+    lab = TrainingLab()
+    lab.job, lab._since = manager().submit([Recipe(steps=30, balancing="load_balance")]), [0]
+    lab._build_plots(Recipe(steps=30, balancing="load_balance"), None)
+    while not lab.job.finished:
+        lab.poll()
+        time.sleep(0.05)
+    lab.poll()
+    v._lab_run = lab.saturation_run
+    v.run_now()
+    res = json.loads(v.screen.result)
+    assert res["numbers"]["steps"] == [10, 20, 30] and res["figure"]["kind"] == "lines"
+    assert list(lab.sat_src.data["l0"]) == [row[0] for row in res["numbers"]["overlap_with_final"]]
 
 
 def test_the_page_cannot_send_a_prediction_that_does_not_exist():

@@ -177,23 +177,30 @@ class ExperimentScreen(JSComponent):
     }
 
     function lines(fig) {
-      const W = 640, H = 240, P = 36;
+      const box = h("div", "linesbox");
+      const legend = h("div", "legend");
+      Object.keys(fig.series).forEach((n, j) => { const k = h("span", "key"); const sw = h("i"); sw.style.background = SERIES[j % 4];
+                                                 k.append(sw, h("span", "", n)); legend.appendChild(k); });
+      const W = 640, H = 220, P = 40;
       const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
       svg.setAttribute("viewBox", "0 0 " + W + " " + H);
       svg.setAttribute("class", "lines");
+      svg.setAttribute("role", "img");
+      svg.setAttribute("aria-label", fig.unit + " by " + fig.x_label);
       const xs = fig.x, x0 = Math.min(...xs), x1 = Math.max(...xs, x0 + 1);
-      const X = (v) => P + (W - 2 * P) * (v - x0) / (x1 - x0), Y = (v) => H - P - (H - 2 * P) * v;
+      const X = (v) => P + (W - 2 * P) * (v - x0) / (x1 - x0), Y = (v) => H - 28 - (H - 40) * v;
       const el = (tag, attrs, text) => { const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
         for (const k in attrs) e.setAttribute(k, attrs[k]); if (text !== undefined) e.textContent = text; svg.appendChild(e); return e; };
-      for (const v of [0, 0.5, 1]) { el("line", { x1: P, x2: W - P, y1: Y(v), y2: Y(v), class: "gridl" }); el("text", { x: 4, y: Y(v) + 4, class: "ax" }, Math.round(v * 100) + "%"); }
-      el("text", { x: W - P, y: H - 6, class: "ax", "text-anchor": "end" }, fig.x_label + " " + x1);
-      el("text", { x: P, y: H - 6, class: "ax" }, String(x0));
+      for (const v of [0, 0.5, 1]) { el("line", { x1: P, x2: W - P, y1: Y(v), y2: Y(v), class: "gridl" }); el("text", { x: P - 6, y: Y(v) + 4, class: "ax", "text-anchor": "end" }, Math.round(v * 100) + "%"); }
+      el("text", { x: P, y: H - 8, class: "ax" }, String(x0));
+      el("text", { x: W - P, y: H - 8, class: "ax", "text-anchor": "end" }, String(x1));
+      el("text", { x: W / 2, y: H - 8, class: "ax", "text-anchor": "middle" }, fig.x_label);
       Object.keys(fig.series).forEach((n, j) => {
         const pts = fig.series[n].map((v, i) => X(xs[i]).toFixed(1) + "," + Y(v).toFixed(1)).join(" ");
         el("polyline", { points: pts, fill: "none", stroke: SERIES[j % 4], "stroke-width": 2.5 });
-        el("text", { x: W - P + 2, y: 14 + 14 * j, class: "ax", fill: SERIES[j % 4] }, n);
       });
-      return svg;
+      box.append(legend, svg);
+      return box;
     }
 
     export function render({ model, el }) {
@@ -293,7 +300,7 @@ class ExperimentScreen(JSComponent):
     mark { background: #fde68a; color: #1b1f24; }
     .light { display: inline-flex; min-width: 1.6em; height: 1.6em; align-items: center; justify-content: center;
              border-radius: 999px; font-weight: 700; border: 2px solid #1b1f24; box-sizing: border-box; margin-right: 2px; font-size: .85em; }
-    svg.lines { width: 100%; max-width: 900px; height: auto; }
+    svg.lines { width: 100%; max-width: 760px; height: auto; display: block; }
     svg .gridl { stroke: #d6dbe1; }
     svg .ax { font-size: 12px; fill: #374151; }
     """]
@@ -305,10 +312,12 @@ class ExperimentsView(pn.viewable.Viewer):
     state = param.ClassSelector(class_=RouterState)
 
     def __init__(self, notify: Callable[[str, str], None] | None = None, open_tab: Callable[[str], None] | None = None,
-                 **params):
+                 lab_run: Callable[[], tuple | None] | None = None, **params):
+        """`lab_run()`: the session's finished Training-lab run as (steps probed at, probes, top-k), or None."""
         super().__init__(**params)
         self._notify = notify if notify is not None else (lambda kind, message: None)
         self._open_tab = open_tab if open_tab is not None else (lambda name: None)
+        self._lab_run = lab_run if lab_run is not None else (lambda: None)
         say = lambda m: self._notify("warning", m)   # noqa: E731
         self.pick = refuse_bad_values(pn.widgets.Select(
             name="Experiment", options={f"{chr(97 + i)}. {e.title}": e.name for i, e in enumerate(EXPERIMENTS.values())},
@@ -338,12 +347,12 @@ class ExperimentsView(pn.viewable.Viewer):
                 "ink": [text_color(c) for c in colors]}
         self.token.visible = self.pick.value == "same_token"
         lab = spec["lab"]
-        self.lab_btn.visible, self.run_btn.visible = lab, not lab
+        self.lab_btn.visible = lab
         with pn.io.hold():
             self.screen.param.update(spec=json.dumps(spec), result="{}", predicted=-1, layer=0,
-                                     status=("Measured live during a Training-lab run: predict here, then open the "
-                                             "Training lab, press Train and watch its Router saturation plot "
-                                             "(also: moe-lab experiment saturation)." if lab else ""))
+                                     status=("Measured on a Training-lab run: predict, open the Training lab and press "
+                                             "Train (its Router saturation plot draws live), then come back and press "
+                                             "Run to check your prediction on that run." if lab else ""))
         self._enable()
 
     def _enable(self) -> None:
@@ -356,8 +365,15 @@ class ExperimentsView(pn.viewable.Viewer):
         return (name, who, self.token.value if name == "same_token" else None)
 
     def compute(self) -> dict:
-        """Run the chosen experiment (shared per server: see shared_result). Raises ValueError for bad input."""
+        """Run the chosen experiment (shared per server: see shared_result; the saturation experiment reads this
+        session's Training-lab run). Raises ValueError for bad input."""
         name = self.pick.value
+        if EXPERIMENTS[name].needs_training:
+            run = self._lab_run()
+            if run is None:
+                raise ValueError("no finished Training-lab run in this session yet: open the Training lab, press "
+                                 "Train, and press Run here when it is done")
+            return run_experiment(name, run=run)
         options = {"token": self.token.value} if name == "same_token" else {}
         model = None if name in OWN_MODELS else self.state.model
         return shared_result(self.key(), lambda: run_experiment(name, model, **options))
