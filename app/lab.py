@@ -29,6 +29,8 @@ from moe_core.train.lab import (
     COLLAPSED_SHARE,
     MAX_EXPERTS,
     MAX_STEPS,
+    PROBE_EVERY,
+    PROBE_WINDOWS,
     RECIPES,
     UNEVEN_FACTOR,
     Recipe,
@@ -356,7 +358,8 @@ class TrainingLab(pn.viewable.Viewer):
         items_s = [(f"layer {i}", [s.line("step", f"l{i}", source=self.sat_src, color=SATURATION_COLORS[i % 4],
                                           width=2)]) for i in range(layers)]
         s.add_layout(Legend(items=items_s, label_text_font_size="11px", orientation="horizontal"), "below")
-        s.xaxis.axis_label = "step (the router probed every 10 steps on 512 held-out tokens)"
+        s.xaxis.axis_label = (f"step (the router probed every {PROBE_EVERY} steps on "
+                              f"{PROBE_WINDOWS * a.model_config().block_size} held-out tokens)")
         s.add_tools(HoverTool(tooltips=[("step", "@step"), ("already final", "$y{0%}")]))
         if not hasattr(self, "loss_pane"):
             self.loss_pane = pn.pane.Bokeh(f, sizing_mode="stretch_width")

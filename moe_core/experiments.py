@@ -404,10 +404,9 @@ def reap_saliency(model) -> tuple[np.ndarray, np.ndarray, float]:
     return saliency, counts, loss
 
 
-def _loss_without(model, off: dict[int, list[int]], net=None) -> float:
-    net = net or _net(model)
-    request = RoutingRequest.make(net.config, disabled_experts=off)
-    return _heldout(net, request)[2]
+def _loss_without(net, off: dict[int, list[int]]) -> float:
+    """Held-out loss of `net` with the experts `off` ({layer: [experts]}) switched off."""
+    return _heldout(net, RoutingRequest.make(net.config, disabled_experts=off))[2]
 
 
 def merged(model, off: dict[int, list[int]], counts: np.ndarray):
@@ -416,6 +415,7 @@ def merged(model, off: dict[int, list[int]], counts: np.ndarray):
     the two (frequency-weighted merging, as in M-SMoE, Li et al. 2024, arXiv:2310.01334). The merged-away
     experts are switched off, so their tokens go to the kept experts."""
     net = copy.deepcopy(_net(model))
+    counts = counts.copy()
     for i, gone in off.items():
         layer = net.moe_layers[i]
         keep = [e for e in range(layer.n_experts) if e not in gone]
@@ -426,6 +426,7 @@ def merged(model, off: dict[int, list[int]], counts: np.ndarray):
             wa, wb = a / max(a + b, 1), b / max(a + b, 1)
             for w in (layer.experts.w_in, layer.experts.w_out):
                 w.data[into] = wa * w.data[e] + wb * w.data[into]
+            counts[i, into] = a + b                      # a second expert merged here weighs against both
     return net
 
 
@@ -437,29 +438,26 @@ def prune(model=None, remove: int = PRUNE_AWAY) -> dict:
     if not 1 <= keep < n:
         raise ValueError(f"removing {remove} of the model's {n} experts per layer must leave between 1 and {n - 1}")
     saliency, counts, base = reap_saliency(model)
-    by_reap = {i: sorted(np.argsort(s)[: n - keep].tolist()) for i, s in enumerate(saliency)}
-    by_count = {i: sorted(np.argsort(c, kind="stable")[: n - keep].tolist()) for i, c in enumerate(counts)}
+    by_reap = {i: sorted(np.argsort(s, kind="stable")[:remove].tolist()) for i, s in enumerate(saliency)}
+    by_count = {i: sorted(np.argsort(c, kind="stable")[:remove].tolist()) for i, c in enumerate(counts)}
     rng = np.random.default_rng(0)
-    randoms = [{i: sorted(rng.choice(n, n - keep, replace=False).tolist()) for i in range(len(saliency))}
+    randoms = [{i: sorted(rng.choice(n, remove, replace=False).tolist()) for i in range(len(saliency))}
                for _ in range(RANDOM_DRAWS)]
-    loss = {"REAP saliency (prune)": _loss_without(model, by_reap),
-            "fewest tokens (prune)": _loss_without(model, by_count),
-            f"random (prune, mean of {RANDOM_DRAWS})": float(np.mean([_loss_without(model, r) for r in randoms])),
-            "REAP saliency (merge)": _loss_without(model, by_reap, merged(model, by_reap, counts))}
-    change = {k: v - base for k, v in loss.items()}
-    best = min(change, key=change.get)
+    # (the choice of EXPERIMENTS["prune"] each method answers, its label, its held-out loss)
+    methods = [(0, "REAP saliency (prune)", _loss_without(net, by_reap)),
+               (3, "fewest tokens (prune)", _loss_without(net, by_count)),
+               (1, f"random (prune, mean of {RANDOM_DRAWS})", float(np.mean([_loss_without(net, r) for r in randoms]))),
+               (2, "REAP saliency (merge)", _loss_without(merged(net, by_reap, counts), by_reap))]
+    change = {label: loss - base for _, label, loss in methods}
+    answer, best, _ = min(methods, key=lambda m: m[2])
     finding = (f"With all {n} experts the held-out loss is {base:.3f} nats. Keeping {keep} per layer: " +
-               "; ".join(f"{k} +{v:.3f}" for k, v in change.items()) +
-               f". Least harm: {best}.")
-    order = list(change)
-    return {"numbers": {"base_loss": base, "loss": loss, "change": change, "keep": keep, "experts": n,
-                        "removed": {"REAP saliency": by_reap, "fewest tokens": by_count},
+               "; ".join(f"{k} {v:+.3f}" for k, v in change.items()) + f". Least harm: {best}.")
+    return {"numbers": {"base_loss": base, "loss": {label: loss for _, label, loss in methods}, "change": change,
+                        "keep": keep, "experts": n, "removed": {"REAP saliency": by_reap, "fewest tokens": by_count},
                         "saliency": saliency.tolist()},
-            "answer": 0 if best.startswith("REAP saliency (prune)") else 1 if best.startswith("random") else
-                      2 if "merge" in best else 3,
-            "finding": finding,
-            "figure": {"kind": "bars", "categories": order, "series": {"loss change (nats)": [change[k] for k in order]},
-                       "unit": "nats"}}
+            "answer": answer, "finding": finding,
+            "figure": {"kind": "bars", "categories": list(change),
+                       "series": {"loss change (nats)": list(change.values())}, "unit": "nats"}}
 
 
 # ----------------------------------------------------------------------------- the list

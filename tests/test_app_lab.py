@@ -2,6 +2,7 @@
 downloads as a loadable safetensors checkpoint and can route text in the router state; queue and
 shared-job status lines; a page that lost its connection stops its job."""
 import io
+import json
 import time
 import zipfile
 from types import SimpleNamespace
@@ -37,7 +38,7 @@ def test_lab_job_to_plots_to_download_to_router(tmp_path):
     assert list(sat["step"]) == [10, 20] and len(probes) == 2
     assert sat["l0"][-1] == sat["l1"][-1] == 1.0
     assert sat["l0"][0] == topk_overlap(probes[0][0], probes[1][0]) < 1.0
-    assert probes[1][0].shape == (256, 2)                                            # 2 windows of 128, k = 2
+    assert probes[1][0].shape == (512, 2)                                            # 4 windows of 128, k = 2
 
     blob = lab._download().getvalue()
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
@@ -51,6 +52,15 @@ def test_lab_job_to_plots_to_download_to_router(tmp_path):
     res = state.route()
     assert res is not None and len(res.routings) == 2
     assert state.param.layer.objects == [0, 1]
+    # the Experiments tab runs on the lab model too, for this session only (never in the server's shared results)
+    from app.views.experiments import ExperimentsView, _results
+
+    ev = ExperimentsView(state=state)
+    ev.pick.value, ev.screen.predicted = "token_ids", 1
+    before = len(_results)
+    ev.run_now()
+    res = json.loads(ev.screen.result)
+    assert res["model"] == "lab-model" and len(res["numbers"]["specialisation"]) == 2 and len(_results) == before
     assert messages and messages[-1][0] == "success"
     state.balancing = "balanced (aux loss)"          # back to a shipped model
     assert len(state.route().routings) == 4

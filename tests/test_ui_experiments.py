@@ -59,6 +59,18 @@ def test_another_experiment_or_model_clears_the_result_and_the_prediction():
     assert json.loads(v.screen.result) == {} and v.screen.predicted == -1
 
 
+def test_a_result_that_arrives_after_the_student_moved_on_is_not_shown():
+    v, notes, _ = view()
+    v.pick.value = "token_ids"
+    v.screen.predicted = 1
+    assert v._start() and v.run_btn.disabled              # computing in the worker thread...
+    result = v.compute()
+    v.pick.value = "coactivation"                         # ...while the student picks another experiment
+    v._finish(result)
+    assert json.loads(v.screen.result) == {} and json.loads(v.screen.spec)["name"] == "coactivation"
+    assert not v.running and notes == []
+
+
 def test_a_bad_token_gets_a_notification_and_nothing_runs():
     v, notes, _ = view()
     v.token.value = "two words"

@@ -359,9 +359,9 @@ class ExperimentsView(pn.viewable.Viewer):
         self.run_btn.disabled = self.running or self.screen.predicted < 0
 
     def key(self) -> tuple:
+        """What a result depends on: the experiment, the model (unless it uses its own) and the token."""
         name = self.pick.value
-        model = self.state.model
-        who = None if name in OWN_MODELS else (self.state.model_info["name"], id(model.model))
+        who = None if name in OWN_MODELS else self.state.model_info["name"]
         return (name, who, self.token.value if name == "same_token" else None)
 
     def compute(self) -> dict:
@@ -376,17 +376,24 @@ class ExperimentsView(pn.viewable.Viewer):
             return run_experiment(name, run=run)
         options = {"token": self.token.value} if name == "same_token" else {}
         model = None if name in OWN_MODELS else self.state.model
+        if self.state.balancing == self.state.LAB_BALANCING and model is not None:   # this session's own model
+            return run_experiment(name, model, **options)
         return shared_result(self.key(), lambda: run_experiment(name, model, **options))
 
     def _start(self) -> bool:
         if self.running or self.screen.predicted < 0:
             return False
+        self._asked = self.key()
         self.running = True
         self._enable()
         self.screen.status = "Running on the model\u2026 (a few seconds; a result is shared with the whole class)"
         return True
 
     def _finish(self, result: dict | None, error: Exception | None = None) -> None:
+        self.running = False
+        if self.key() != self._asked:      # the student chose another experiment or model meanwhile: not this
+            self._enable()
+            return
         if error is not None:       # bad input (ValueError) says why; anything else is a bug, said in one line
             message = str(error) if isinstance(error, ValueError) else f"the experiment failed ({type(error).__name__})"
             self._notify("warning", message)

@@ -806,7 +806,7 @@ def hash_routing(logits: Tensor, k: int, *, token_ids: Tensor | None = None) -> 
     hash" (one fixed random expert per vocabulary entry); for k > 1 each id ranks the experts by its own
     hash scores (rendezvous hashing, Thaler and Ravishankar 1998), so the k experts are distinct and
     switching one expert off moves only the ids that used it. The paper's best variant balances the
-    buckets by token frequency; we keep the plain random hash, the stronger baseline's simpler sibling.
+    buckets by token frequency; this is the plain random hash.
     A token's experts depend on its id alone, so the routing is causal and the load follows how often
     each id occurs.
     """

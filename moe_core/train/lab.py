@@ -139,7 +139,7 @@ def verdict(busiest: float, n: int) -> tuple[str, str]:
 
 
 PROBE_EVERY = 10     # steps between two looks at the router (router saturation, OLMoE Fig. 20)
-PROBE_WINDOWS = 2    # held-out windows it routes each time (512 tokens: ~20 ms on one core)
+PROBE_WINDOWS = 4    # held-out windows it routes each time (512 tokens at the lab's context of 128)
 
 
 def probe_windows(block_size: int) -> torch.Tensor:
