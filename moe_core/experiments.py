@@ -111,7 +111,7 @@ def shares(choices: np.ndarray, n_experts: int) -> np.ndarray:
 
 
 def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
+    return f"{100 * x:.0f}%" if x >= 0.095 or x == 0 else f"{100 * x:.1f}%"
 
 
 # ----------------------------------------------------------------------------- (a) same token, other contexts
@@ -201,7 +201,7 @@ def domains(model, n_tokens: int = DOMAIN_TOKENS) -> dict:
     ratio = np.array([[table[d][i] * n for d in names] for i in range(layers)])     # [layer, domain, expert]
     code = names.index("code")
     others = np.delete(ratio, code, axis=1).max(1)                                  # [layer, expert]
-    lead = ratio[:, code] / np.maximum(others, 1e-9)                                # code vs its best other domain
+    lead = ratio[:, code] - others                    # how far code's share beats the expert's best other domain
     layer, e = np.unravel_index(np.argmax(lead), lead.shape)
     c, o = ratio[layer, code, e], others[layer, e]
     specific = c >= 2 and c >= 2 * o
