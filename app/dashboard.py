@@ -30,7 +30,7 @@ from .views.pagecontrol import PageControl
 from .views.panels import (
     balance_table,
     counters,
-    explainer_markdown,
+    explainer_parts,
     published_table,
     right_now,
     token_detail,
@@ -58,6 +58,15 @@ def _html(*args, css: str = CSS, **kw):
 
 def _md(*args, css: str = CSS, **kw):
     return pn.pane.Markdown(*args, stylesheets=[css], **kw)
+
+
+def _explainer(topic: str) -> list:
+    """An explainer as panes: Markdown for the text, KaTeX (already on the page) for each display formula."""
+    return [pn.pane.LaTeX(f"$${text}$$", renderer="katex", sizing_mode="stretch_width", margin=(4, 10),
+                          css_classes=["formula"], styles={"font-size": "calc(var(--moe-fs, 14px) * 1.3)"})
+            if kind == "math" else
+            _md(text, sizing_mode="stretch_width", disable_math=True)
+            for kind, text in explainer_parts(topic)]
 
 
 def _wrapping_row(*objs, align_items: str = "flex-end", **kw):
@@ -321,7 +330,7 @@ class Dashboard(pn.viewable.Viewer):
         d.balance = _html(sizing_mode="stretch_width")
         d.right_now = _md(sizing_mode="stretch_width", css_classes=["right-now"])
         d.loss = _html(css_classes=["loss-readout"])
-        d.explainer = _md(sizing_mode="stretch_width", css_classes=["explainer"])
+        d.explainer = pn.Column(sizing_mode="stretch_width", css_classes=["explainer"], margin=0)
         d.walk = _html(sizing_mode="stretch_width", css_classes=["walkthrough"])
         d.as_table = pn.widgets.Checkbox(name="Show the heatmap as a table too", value=False)
         d.table_view = _html(sizing_mode="stretch_width", visible=False)
@@ -385,7 +394,8 @@ class Dashboard(pn.viewable.Viewer):
             d.loss.object = (f"<div class='label'>Next-token loss on your text</div><div class='big'>{loss}</div>"
                              f"<div class='muted'>nats; lower is better. Change k or the scheme to see "
                              f"what it costs.</div>")
-            d.explainer.object = explainer_markdown(s.scheme)
+            if getattr(d, "explainer_topic", None) != s.scheme:     # the scheme's explainer, made when it changes
+                d.explainer.objects, d.explainer_topic = _explainer(s.scheme), s.scheme
             t = min(s.selected_token, len(res.tokens) - 1)
             try:
                 w = self._walkthrough(s.model, s.text, t, s.layer, s.request())
@@ -579,7 +589,7 @@ class Dashboard(pn.viewable.Viewer):
                   *[(v.label, k) for k, v in SCHEMES.items()],
                   ("Load-balancing loss", "load_balance"), ("Router z-loss", "z_loss"),
                   ("DeepSeekMoE: fine-grained and shared experts", "shared_experts")]
-        acc = pn.Accordion(*[(title, _md(explainer_markdown(t), sizing_mode="stretch_width"))
+        acc = pn.Accordion(*[(title, pn.Column(*_explainer(t), sizing_mode="stretch_width"))
                              for title, t in topics], active=[0], sizing_mode="stretch_width")
         return pn.Column(acc, sizing_mode="stretch_width")
 

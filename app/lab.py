@@ -353,13 +353,15 @@ class TrainingLab(pn.viewable.Viewer):
             fig.xaxis.axis_label = "step"
             fig.add_tools(HoverTool(tooltips=[("step", "@step"), ("value", "$y{0.000}")]))
         s = figure(height=260, sizing_mode="stretch_width", y_range=(0, 1.02), tools="save", toolbar_location="right",
-                   title=f"A: router saturation, share of the latest top-{a.model_config().top_k} choices already made")
+                   title=f"A: router saturation, share of the final top-{a.model_config().top_k} choices already made "
+                         f"(the latest look's, until training ends)")
         layers = a.model_config().n_layer
         items_s = [(f"layer {i}", [s.line("step", f"l{i}", source=self.sat_src, color=SATURATION_COLORS[i % 4],
                                           width=2)]) for i in range(layers)]
         s.add_layout(Legend(items=items_s, label_text_font_size="11px", orientation="horizontal"), "below")
         s.xaxis.axis_label = (f"step (the router probed every {PROBE_EVERY} steps on "
                               f"{PROBE_WINDOWS * a.model_config().block_size} held-out tokens)")
+        s.yaxis.axis_label = "share already made"
         s.add_tools(HoverTool(tooltips=[("step", "@step"), ("already final", "$y{0%}")]))
         if not hasattr(self, "loss_pane"):
             self.loss_pane = pn.pane.Bokeh(f, sizing_mode="stretch_width")

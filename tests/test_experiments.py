@@ -117,7 +117,8 @@ def test_same_token_on_a_learned_model_and_on_the_hash_model(n8):
     num = res["numbers"]
     assert num["token"] == " the" and num["occurrences"] >= 20
     assert all(0 < a <= 1 for a in num["first_expert_agreement"])
-    assert res["answer"] == (0 if min(num["first_expert_agreement"]) == 1 else 1)
+    least = min(num["first_expert_agreement"])
+    assert res["answer"] == (0 if least == 1 else 1 if least >= 0.5 else 2)
     assert f"occurs {num['occurrences']} times" in res["finding"]
     rows = res["figure"]["rows"]
     assert len(rows) == 8 and all(r["token"] == " the" and len(r["experts"]) == 4 for r in rows)
@@ -127,7 +128,7 @@ def test_same_token_on_a_learned_model_and_on_the_hash_model(n8):
 
 
 @pytest.mark.parametrize("token, message", [("hello world", "not one"), ("\u0fff\u0ffe", "not one"),
-                                            ("", "not one")])
+                                            ("", "type a token"), ("the", "fewer than 8")])
 def test_same_token_refuses_a_text_that_is_not_one_common_token(n8, token, message):
     with pytest.raises(ValueError, match=message):
         run_experiment("same_token", n8, token=token)

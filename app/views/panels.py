@@ -188,6 +188,18 @@ def explainer_markdown(topic: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def explainer_parts(topic: str) -> list[tuple[str, str]]:
+    """The explainer cut into ("markdown", text) and ("math", tex) parts: every $$ ... $$ block (on lines of
+    its own, tests/test_explainers.py) becomes a formula. Panel's Markdown pane leaves $$ blocks to MathJax,
+    a 1.8 MB script the page does not load; KaTeX, already on the page, draws them (pn.pane.LaTeX)."""
+    parts: list[tuple[str, str]] = []
+    for i, chunk in enumerate(re.split(r"^\$\$\s*$", explainer_markdown(topic), flags=re.M)):
+        if chunk.strip():
+            parts.append(("math" if i % 2 else "markdown", chunk.strip()))
+    return parts
+
+
+
 def right_now(result, layers: list[int], model_info: dict) -> str:
     """What the plots show at this moment, computed from the result (Markdown, no user text)."""
     from moe_core.analysis.metrics import balance_metrics

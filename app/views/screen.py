@@ -368,9 +368,10 @@ class RouterScreen(JSComponent):
               "the paper sends it with probability 2\u00b7p\u2082).");
         } else if (d.scheme === "hash" || d.scheme === "random") {
           const k = d.k || top.length;
-          say((d.scheme === "hash" ? "No learned router: a fixed hash of this token's id picks its " + k + " experts, the same " +
-               "ones wherever the token appears" : "No router: " + k + " experts drawn at random for this token, drawn " +
-               "again at every routing") + ", each weighted 1/" + k + ". The bars show these weights: there are no scores.");
+          say((d.scheme === "hash" ? "The router is not used: a fixed hash of this token's id picks its " + k + " experts, " +
+               "the same ones wherever the token appears" : "The router is not used: " + k + " experts drawn at random for " +
+               "this token, drawn again at every routing") + ", each weighted 1/" + k + ". The bars show these weights: " +
+               "there are no scores.");
         } else {
           say("Top-" + (d.k || top.length) + " of " + d.n + " scores light up; their weights are renormalised to sum to 1.");
         }
