@@ -32,6 +32,11 @@ def test_the_record_is_the_routing_every_layer_and_token():
         assert sum(L["corpus"]) == pytest.approx(1000, abs=8)                    # held-out shares of all choices
     assert d["counters"]["total"] == s.result.params.total
     assert d["counters"]["active"] == s.result.params.active_per_token
+    assert d["corpus_as_now"]                               # the held-out marks show this very routing
+    for change in ({"scheme": "hash"}, {"top_k": 4}):      # another routing: the marks are the model's own
+        s.param.update(**change)
+        s.route()
+        assert not screen_data(s.result, s.model, corpus_profile(s.model))["corpus_as_now"]
 
 
 def test_k_4_gives_every_token_four_choices_and_a_bigger_active_count():

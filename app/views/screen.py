@@ -89,6 +89,8 @@ def screen_data(result, model, corpus: dict | None = None) -> dict:
         "layers": layers,
         "corpus_tokens": (corpus or {}).get("slice", {}).get("n_tokens"),
         "corpus_route": corpus_route,
+        # the held-out marks show the model's own routing; say so when the screen routes another way
+        "corpus_as_now": route.get("scheme") == result.scheme and route.get("top_k") == result.top_k,
         "counters": {"total": p.total, "active": p.active_per_token, "ratio": round(p.ratio, 2),
                      "share": round(p.active_share, 4), "n": n},
     }
@@ -416,7 +418,7 @@ class RouterScreen(JSComponent):
         const key = (cls, label) => { const x = h("span", "key"); x.append(h("span", "sym " + cls), h("span", "", label)); return x; };
         const keys = h("div", "keys");
         keys.append(key("sym-bar", "this text (busiest: " + pct(busiest) + " of all choices)"));
-        keys.append(corp ? key("sym-corp", "held-out corpus") :
+        keys.append(corp ? key("sym-corp", d.corpus_as_now ? "held-out corpus" : "held-out corpus as trained (not this routing)") :
                     h("span", "key", "held-out corpus: not computed for this model (Expert profiles computes it)"));
         keys.append(key("sym-fair", "fair share " + pct(1 / d.n)));
         if (l.capacity) keys.append(key("sym-cap", "capacity " + l.capacity));
