@@ -335,7 +335,7 @@ def saturation_result(at: list[int], probes: list[list[np.ndarray]], top_k: int)
                 "changing late into this run."))
     return {"numbers": {"steps": at, "overlap_with_final": curve, "mean": mean, "settled_from": settle},
             "answer": 0 if settled else 1, "finding": finding,
-            "figure": {"kind": "lines", "x": at, "x_label": "training step",
+            "figure": {"kind": "lines", "x": at, "x_label": "training step", "mark": steps / 2, "mark_label": "half-way",
                        "series": {f"layer {i}": [c[i] for c in curve] for i in range(len(curve[0]))},
                        "unit": "share of final top-k"}}
 

@@ -195,6 +195,10 @@ class ExperimentScreen(JSComponent):
       el("text", { x: P, y: H - 8, class: "ax" }, String(x0));
       el("text", { x: W - P, y: H - 8, class: "ax", "text-anchor": "end" }, String(x1));
       el("text", { x: W / 2, y: H - 8, class: "ax", "text-anchor": "middle" }, fig.x_label);
+      if (fig.mark !== undefined) {        // a moment the question is about (the saturation test: half-way)
+        el("line", { x1: X(fig.mark), x2: X(fig.mark), y1: Y(1.04), y2: Y(0), class: "markl" });
+        el("text", { x: X(fig.mark) + 4, y: Y(0.04), class: "ax" }, fig.mark_label);
+      }
       Object.keys(fig.series).forEach((n, j) => {
         const pts = fig.series[n].map((v, i) => X(xs[i]).toFixed(1) + "," + Y(v).toFixed(1)).join(" ");
         el("polyline", { points: pts, fill: "none", stroke: SERIES[j % 4], "stroke-width": 2.5 });
@@ -302,6 +306,7 @@ class ExperimentScreen(JSComponent):
              border-radius: 999px; font-weight: 700; border: 2px solid #1b1f24; box-sizing: border-box; margin-right: 2px; font-size: .85em; }
     svg.lines { width: 100%; max-width: 760px; height: auto; display: block; }
     svg .gridl { stroke: #d6dbe1; }
+    svg .markl { stroke: #111; stroke-dasharray: 5 4; stroke-width: 1.5; }
     svg .ax { font-size: 12px; fill: #374151; }
     """]
 
