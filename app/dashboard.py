@@ -599,11 +599,12 @@ class Dashboard(pn.viewable.Viewer):
         (Panel re-renders a pane updated while out of the document with stylesheets from its CDN, and a
         classroom may have no internet)."""
         tabs = {"Router": "router", "Router details": "details", "Compare": "compare", "Expert profiles": "profiles",
-                "Watch it write": "write", "Experiments": "experiments", "Training lab": "lab", "Parameters": "params", "Scale": "scale", "Quiz": "quiz",
-                "Learn": "learn"}
+                "Watch it write": "write", "Experiments": "experiments", "Training lab": "lab", "Parameters": "params",
+                "Scale": "scale", "Quiz": "quiz", "Learn": "learn"}
         self._builders = {"details": self.details_tab, "compare": self.compare_tab, "profiles": self.profiles_tab,
-                          "write": self.write_tab, "experiments": self.experiments_tab, "lab": self.lab_tab, "params": self.params_tab, "scale": self.scale_tab,
-                          "quiz": self.quiz_tab, "learn": self.learn_tab}
+                          "write": self.write_tab, "experiments": self.experiments_tab, "lab": self.lab_tab,
+                          "params": self.params_tab, "scale": self.scale_tab, "quiz": self.quiz_tab,
+                          "learn": self.learn_tab}
         self.tab_names = list(tabs.values())
         self._views = {"router": self.router_tab()}
         self.tabs = pn.widgets.RadioButtonGroup(options=tabs, value="router", button_style="outline",
