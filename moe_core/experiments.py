@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .analysis.metrics import topk_overlap
+from .analysis.metrics import jain, topk_overlap
 from .analysis.profiles import PROFILE_TOKENS, heldout_windows
 from .data import corpus
 from .data.tokenizer import get_tokenizer
@@ -343,10 +343,6 @@ def saturation_result(at: list[int], probes: list[list[np.ndarray]], top_k: int)
 # ----------------------------------------------------------------------------- (f) learned vs hash
 
 
-def _jain(load: np.ndarray) -> float:
-    return float(load.sum() ** 2 / (len(load) * (load ** 2).sum()))
-
-
 def learned_vs_hash(model=None) -> dict:
     """moe-n8 and moe-n8-nobalance (learned routers, with and without balancing losses) against moe-n8-hash:
     the same size, data, steps and seed, routed by a fixed hash of the token id; and moe-n8 routed by the
@@ -360,7 +356,7 @@ def learned_vs_hash(model=None) -> dict:
         ids, choices, loss = _heldout(m, request)
         n = m.config.n_experts
         rows[label] = {"model": name, "scheme": scheme or m.config.scheme, "loss": loss,
-                       "jain": float(np.mean([_jain(shares(c, n)) for c in choices]))}
+                       "jain": float(np.mean([jain(shares(c, n)) for c in choices]))}
     labels = list(rows)
     learned = min(labels[:2], key=lambda k: rows[k]["loss"])
     hashed, swapped = rows[labels[2]], rows[labels[3]]

@@ -40,6 +40,13 @@ def gini(values: torch.Tensor) -> float:
     return float((2 * (ranks * x).sum() / (n * total) - (n + 1) / n).item())
 
 
+def jain(load) -> float:
+    """Jain's fairness index of tokens per expert (a tensor or array): 1.0 when all are equal, 1/N when one
+    expert takes all, 0.0 when there is no token."""
+    total = float(load.sum())
+    return total**2 / (len(load) * float((load**2).sum())) if total else 0.0
+
+
 def balance_metrics(routing: Routing) -> dict[str, float | int]:
     """Every METRICS figure for one layer's routing."""
     load = routing.dispatch.sum(0).double()
@@ -59,7 +66,7 @@ def balance_metrics(routing: Routing) -> dict[str, float | int]:
         "cv": float(load.std(unbiased=False).item() / mean) if mean else 0.0,
         "entropy": entropy,
         "entropy_norm": entropy / math.log(N) if N > 1 else 1.0,
-        "jain": float(total**2 / (N * (load**2).sum().item())) if total else 0.0,
+        "jain": jain(load),
         "n_eff": math.exp(entropy) if total else 0.0,
         "gini": gini(load),
         "max_over_mean": float(load.max().item() / mean) if mean else 0.0,
